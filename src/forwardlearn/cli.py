@@ -1,0 +1,50 @@
+"""Command line: ``forwardlearn VERB ...`` (also ``python -m forwardlearn``).
+
+Each verb is a module in ``forwardlearn/commands/`` with ``NAME``, ``HELP``, ``add_arguments(parser)``
+and ``run(args) -> int``; they are discovered, so a new verb is one new file. Bad input
+(``ValueError``, ``FileNotFoundError``, ``RuntimeError``) becomes one line on stderr and exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from collections.abc import Sequence
+
+from . import commands
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="forwardlearn", description="Train neural networks without backpropagation, and measure the cost."
+    )
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    sub.required = True
+    for m in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        if m.name.startswith("_"):
+            continue
+        mod = importlib.import_module(f"{commands.__name__}.{m.name}")
+        p = sub.add_parser(mod.NAME, help=mod.HELP, description=mod.HELP)
+        mod.add_arguments(p)
+        p.set_defaults(_run=mod.run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except KeyboardInterrupt:
+        print("forwardlearn: interrupted", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, RuntimeError, OSError) as e:
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        print(f"forwardlearn: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

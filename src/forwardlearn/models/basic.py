@@ -1,0 +1,87 @@
+"""Feed-forward models: a multilayer perceptron and a LeNet-like convolutional network."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+ACTIVATIONS: dict[str, type[nn.Module]] = {
+    "relu": nn.ReLU,
+    "tanh": nn.Tanh,
+    "sigmoid": nn.Sigmoid,
+    "gelu": nn.GELU,
+    "leaky_relu": nn.LeakyReLU,
+    "elu": nn.ELU,
+}
+
+
+def activation_module(name: str) -> nn.Module:
+    """A fresh activation layer by name; unknown names raise ``ValueError`` listing the valid ones."""
+    if name not in ACTIVATIONS:
+        raise ValueError(f"unknown activation {name!r}; valid: {', '.join(sorted(ACTIVATIONS))}")
+    return ACTIVATIONS[name]()
+
+
+def _positive_int(value: int, what: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{what} must be a positive integer, got {value!r}")
+    return value
+
+
+def mlp(in_features: int, hidden: Sequence[int], classes: int, activation: str = "relu") -> nn.Sequential:
+    """``Flatten -> [Linear -> activation] * len(hidden) -> Linear``.
+
+    Inputs of any shape ``(N, ...)`` are flattened, so image tensors go in directly.
+    """
+    _positive_int(in_features, "in_features")
+    _positive_int(classes, "classes")
+    layers: list[nn.Module] = [nn.Flatten()]
+    width = in_features
+    for h in hidden:
+        _positive_int(h, "hidden width")
+        layers += [nn.Linear(width, h), activation_module(activation)]
+        width = h
+    layers.append(nn.Linear(width, classes))
+    return nn.Sequential(*layers)
+
+
+def cnn(
+    in_channels: int,
+    classes: int,
+    input_size: int | tuple[int, int] = 28,
+    channels: Sequence[int] = (6, 16),
+    hidden: Sequence[int] = (120, 84),
+    activation: str = "relu",
+    kernel_size: int = 5,
+) -> nn.Sequential:
+    """LeNet-like network: ``[Conv2d -> activation -> MaxPool2d] * len(channels) -> Flatten -> MLP head``.
+
+    Convolutions are padded ("same"), so the net also fits small inputs such as 8x8 digits.
+    """
+    _positive_int(in_channels, "in_channels")
+    _positive_int(classes, "classes")
+    _positive_int(kernel_size, "kernel_size")
+    hw = (input_size, input_size) if isinstance(input_size, int) else tuple(input_size)
+    layers: list[nn.Module] = []
+    c = in_channels
+    for out in channels:
+        _positive_int(out, "conv channels")
+        layers += [
+            nn.Conv2d(c, out, kernel_size, padding=kernel_size // 2),
+            activation_module(activation),
+            nn.MaxPool2d(2),
+        ]
+        c = out
+    layers.append(nn.Flatten())
+    with torch.no_grad():
+        width = nn.Sequential(*layers)(torch.zeros(1, in_channels, *hw)).shape[1]
+    if width == 0:
+        raise ValueError(f"input_size {input_size} is too small for {len(channels)} pooling stages")
+    for h in hidden:
+        _positive_int(h, "hidden width")
+        layers += [nn.Linear(width, h), activation_module(activation)]
+        width = h
+    layers.append(nn.Linear(width, classes))
+    return nn.Sequential(*layers)

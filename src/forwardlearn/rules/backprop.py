@@ -1,0 +1,28 @@
+"""The reference: ordinary reverse-mode backpropagation (Rumelhart, Hinton & Williams 1986)."""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from torch import Tensor, nn
+
+from .base import Rule, check_finite, register
+
+
+@register
+class Backprop(Rule):
+    """Exact gradient of ``loss(model(inputs), targets)`` by ``loss.backward()``.
+
+    Every other rule is measured against this one.
+    """
+
+    name: ClassVar[str] = "backprop"
+    description: ClassVar[str] = "reference: exact gradient by reverse-mode automatic differentiation"
+    paper: ClassVar[str] = "Rumelhart, Hinton & Williams 1986, Learning representations by back-propagating errors"
+
+    def grads(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
+        loss = self.loss(model(inputs), targets)
+        value = check_finite(loss.detach(), "loss")
+        loss.backward()
+        self.steps += 1
+        return value
