@@ -8,7 +8,7 @@ A learning rule fills ``.grad``; ``torch.optim`` does the rest::
     history = fl.train(model, rule, train=fl.data.load("digits"), test=fl.data.load("digits", "test"))
 """
 
-from . import data, diagnostics, models, rules
+from . import data, diagnostics, models, physical, rules
 from .rules import Rule, available_rules, get_rule, register
 from .train import Callback, History, NonFiniteError, Trainer, train
 
@@ -25,6 +25,7 @@ __all__ = [
     "diagnostics",
     "get_rule",
     "models",
+    "physical",
     "register",
     "rules",
     "train",

@@ -24,14 +24,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .rules.base import Rule, trainable_parameters
+from .rules.base import NonFiniteError, Rule, trainable_parameters
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.jsonl"
-
-
-class NonFiniteError(RuntimeError):
-    """Raised when the loss or a gradient is NaN or infinite; the weights were not updated."""
 
 
 @dataclass
@@ -173,7 +169,10 @@ class Trainer:
         if self.step_hook is not None:
             return self.step_hook(self, xb, yb)
         self.optimizer.zero_grad(set_to_none=True)
-        loss = self.rule.grads(self.model, xb, yb)
+        try:
+            loss = self.rule.grads(self.model, xb, yb)
+        except NonFiniteError as e:
+            raise NonFiniteError(f"{e} (epoch {self.epoch + 1}, step {self.global_step + 1})") from None
         if not math.isfinite(loss):
             raise NonFiniteError(f"non-finite loss {loss} at epoch {self.epoch + 1}, step {self.global_step + 1}")
         if self.check_grads:

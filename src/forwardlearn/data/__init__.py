@@ -2,6 +2,7 @@
 
 Image sets come as ``(N, C, H, W)`` float tensors, tabular sets as ``(N, F)``; labels are ``long``.
 ``digits`` (scikit-learn's bundled 8x8 digits) is the embedded default and needs no download.
+Graphs for node classification (Planetoid files, generated stochastic block models) are in :mod:`.graphs`.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ from pathlib import Path
 
 from torch import Tensor
 
+from . import graphs
 from .common import DataError, DatasetInfo
 from .registry import DATASETS, info
 
-__all__ = ["DATASETS", "DataError", "DatasetInfo", "available", "data_dir", "fetch", "info", "load"]
+__all__ = ["DATASETS", "graphs", "DataError", "DatasetInfo", "available", "data_dir", "fetch", "info", "load"]
 
 
 def data_dir(override: str | os.PathLike | None = None) -> Path:

@@ -54,25 +54,30 @@ def gradient_alignment(
 
     Rules with a local objective (Forward-Forward, ...) are compared with the gradient of the global
     loss all the same: a low cosine there is a finding, not an error. Parameters the rule does not
-    update count as a zero estimate.
+    update count as a zero estimate; parameters the rule adds in ``attach`` (auxiliary heads) are left
+    out. Parameters are matched by identity, so rules whose ``attach`` wraps the model are compared too.
     """
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     work = copy.deepcopy(model)
+    # the exact gradient of the original model's loss, matched to the copy's parameters by identity:
+    # a rule may wrap the model or add parameters in ``attach`` (those get a zero reference)
+    copied = trainable_parameters(work)
+    ref = {id(p): g for p, g in zip(copied, true_gradient(rule, copy.deepcopy(model), inputs, targets))}
     work = rule.attach(work)
     params = trainable_parameters(work)
     pnames = [n for n, p in work.named_parameters() if p.requires_grad]
-    # the exact gradient of the original model's loss (parameters the rule adds get a zero reference)
-    ref_names = [n for n, p in model.named_parameters() if p.requires_grad]
-    ref = dict(zip(ref_names, true_gradient(rule, copy.deepcopy(model), inputs, targets)))
-    truth = [ref.get(n, torch.zeros_like(p)) for n, p in zip(pnames, params)]
+    # only the model's own parameters are compared (auxiliary parts have no end-to-end gradient)
+    keep = [i for i, p in enumerate(params) if id(p) in ref]
+    truth = [ref[id(params[i])] for i in keep]
     estimates: list[list[Tensor]] = []
     for _ in range(samples):
         for p in params:
             p.grad = None
         rule.grads(work, inputs, targets)
-        estimates.append(_grads_of(params))
-    mean = [torch.stack([e[i] for e in estimates]).mean(0) for i in range(len(params))]
+        estimates.append(_grads_of([params[i] for i in keep]))
+    pnames = [pnames[i] for i in keep]
+    mean = [torch.stack([e[i] for e in estimates]).mean(0) for i in range(len(keep))]
     t = _flat(truth)
     first = _flat(estimates[0])
     m = _flat(mean)

@@ -85,3 +85,28 @@ def cnn(
         width = h
     layers.append(nn.Linear(width, classes))
     return nn.Sequential(*layers)
+
+
+def build(
+    name: str,
+    shape: Sequence[int],
+    classes: int,
+    hidden: Sequence[int] | None = None,
+    activation: str = "relu",
+) -> nn.Sequential:
+    """Build a model by name for inputs of ``shape`` (one example, e.g. ``(1, 28, 28)``).
+
+    ``mlp`` takes ``hidden`` widths (default ``[256]``); ``cnn`` needs image inputs ``(C, H, W)`` and uses
+    ``hidden`` as its fully connected widths (default ``(120, 84)``).
+    """
+    if name == "mlp":
+        features = 1
+        for s in shape:
+            features *= s
+        return mlp(features, list(hidden) if hidden is not None else [256], classes, activation)
+    if name == "cnn":
+        if len(shape) != 3:
+            raise ValueError(f"model 'cnn' needs image inputs (C, H, W), this data set has shape {tuple(shape)}")
+        c, h, w = shape
+        return cnn(c, classes, input_size=(h, w), hidden=tuple(hidden) if hidden else (120, 84), activation=activation)
+    raise ValueError(f"unknown model {name!r}; valid: cnn, mlp")

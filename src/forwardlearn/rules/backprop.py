@@ -19,6 +19,7 @@ class Backprop(Rule):
     name: ClassVar[str] = "backprop"
     description: ClassVar[str] = "reference: exact gradient by reverse-mode automatic differentiation"
     paper: ClassVar[str] = "Rumelhart, Hinton & Williams 1986, Learning representations by back-propagating errors"
+    defaults: ClassVar[dict] = {**Rule.defaults, "lr": 2e-3}
 
     def grads(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
         loss = self.loss(model(inputs), targets)

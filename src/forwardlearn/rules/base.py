@@ -100,11 +100,15 @@ def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     return [p for p in model.parameters() if p.requires_grad]
 
 
+class NonFiniteError(RuntimeError):
+    """The loss or a gradient is NaN or infinite; raised before the optimizer touches the weights."""
+
+
 def check_finite(value: Tensor | float, what: str) -> float:
-    """Return ``value`` as a float; raise ``RuntimeError`` when it is NaN or infinite."""
+    """Return ``value`` as a float; raise :class:`NonFiniteError` when it is NaN or infinite."""
     v = float(value)
     if v != v or v in (float("inf"), float("-inf")):
-        raise RuntimeError(f"non-finite {what} ({v}); stopping before the parameters are touched")
+        raise NonFiniteError(f"non-finite {what} ({v}); stopping before the parameters are touched")
     return v
 
 
@@ -136,6 +140,18 @@ class Rule:
     }
     #: True for rules that never run a reverse-mode pass across the network
     forward_only: ClassVar[bool] = False
+    #: what ``inputs`` are: "tensor" (a batch of examples) or "graph" (see ``forwardlearn.data.graphs``)
+    data_kind: ClassVar[str] = "tensor"
+
+    @classmethod
+    def default_model(cls, shape: tuple[int, ...], classes: int) -> nn.Module:
+        """The model ``forwardlearn compare`` trains this rule on: ``defaults["model"]`` with ``defaults["hidden"]``.
+
+        Rules that need a model of their own kind (an energy-based net, say) override this.
+        """
+        from ..models import build
+
+        return build(cls.defaults.get("model", "mlp"), shape, classes, cls.defaults.get("hidden"))
 
     def __init__(self, loss: LossFn | None = None, seed: int | None = None) -> None:
         if loss is not None and not callable(loss):

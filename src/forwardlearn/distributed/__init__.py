@@ -1,0 +1,43 @@
+"""Scale-out for the seed-and-scalar rules (``zo_spsa``, ``forward_gradient``).
+
+- :mod:`.trainer`: data-parallel training over ``torch.distributed`` where ranks exchange only
+  ``(seed, scalar)`` pairs (``forwardlearn train --distributed`` under ``torchrun``);
+- :mod:`.federated`: BAFFLE, federated learning where clients run forward passes only and upload
+  scalars, against FedAvg with backprop (``forwardlearn fed``);
+- :mod:`.replay`: the update log (seed, scalar, lr per step) and its bit-exact replay
+  (``forwardlearn replay BASE LOG``);
+- :mod:`.wire`: the 12-bytes-per-direction record, its validation and the parameter checksum.
+"""
+
+from .federated import FedResult, baffle, dirichlet_split, fedavg
+from .replay import UpdateLog, read_header, read_records, replay
+from .trainer import (
+    Exchange,
+    Faults,
+    SeedScalarTrainer,
+    TorchExchange,
+    add_distributed_arguments,
+    train_distributed,
+)
+from .wire import ExchangeError, checksum, record_bytes, stream_seed
+
+__all__ = [
+    "Exchange",
+    "ExchangeError",
+    "Faults",
+    "FedResult",
+    "SeedScalarTrainer",
+    "TorchExchange",
+    "UpdateLog",
+    "add_distributed_arguments",
+    "baffle",
+    "checksum",
+    "dirichlet_split",
+    "fedavg",
+    "read_header",
+    "read_records",
+    "record_bytes",
+    "replay",
+    "stream_seed",
+    "train_distributed",
+]

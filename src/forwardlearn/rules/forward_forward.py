@@ -1,0 +1,464 @@
+"""Forward-Forward (Hinton 2022) and collaborative Forward-Forward (Lorberbom et al. 2024).
+
+Supervised Forward-Forward (Hinton 2022, "The Forward-Forward Algorithm: Some Preliminary
+Investigations", sections 2 and 3.3): the one-hot label is written into the input; *positive* data
+carry the true label, *negative* data the same input with a wrong label. Every layer has its own
+objective, a logistic "is this positive?" on its goodness (section 2, eq. 1)::
+
+    p(positive) = sigmoid((G - theta) / T),        G = sum_j y_j ** 2
+
+and each layer's input is length-normalised (section 2.1) so that a layer cannot read the previous
+layer's goodness off the length of its input. Autograd runs only inside one layer: the input of every
+layer is detached, so no gradient crosses a layer boundary.
+
+The building blocks are module-level functions (:func:`goodness`, :func:`positive_logits`,
+:func:`ff_layer_loss`, :func:`collaborative_logits`, :func:`length_normalize`, :func:`embed_label`,
+:func:`random_negative_labels`, :func:`hard_negative_labels`, :func:`mlp_blocks`) and the rule classes
+split the network walk into overridable methods (:meth:`ForwardForward.blocks`,
+:meth:`ForwardForward.embed`, :meth:`ForwardForward.normalize`), so variants for other architectures
+subclass :class:`ForwardForward` and replace only those.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .base import LossFn, Rule, check_finite, register
+
+__all__ = [
+    "CollaborativeForwardForward",
+    "ForwardForward",
+    "collaborative_logits",
+    "embed_label",
+    "ff_layer_loss",
+    "goodness",
+    "hard_negative_labels",
+    "length_normalize",
+    "mlp_blocks",
+    "positive_logits",
+    "random_negative_labels",
+]
+
+#: ``hook(layer_index, layer_loss) -> layer_loss``: applied to every local loss before its gradient is taken
+LocalLossHook = Callable[[int, Tensor], Tensor]
+
+
+# --- layer-wise helpers ---------------------------------------------------------------------------
+def goodness(h: Tensor, minus: bool = False) -> Tensor:
+    """Per-example goodness ``G = sum of squared activities`` over every non-batch dimension, shape ``(N,)``.
+
+    ``minus=True`` returns ``-G`` (Hinton 2022, section 2: positive data should then have *low* activity).
+    Works for dense ``(N, D)`` and convolutional ``(N, C, H, W)`` activities alike.
+    """
+    g = h.pow(2).flatten(1).sum(1)
+    return -g if minus else g
+
+
+def positive_logits(h: Tensor, threshold: float, minus: bool = False, temperature: float = 1.0) -> Tensor:
+    """Logit of ``p(positive)`` for a layer's activities ``h`` (Hinton 2022, eq. 1): ``(G - theta) / T``.
+
+    With ``minus=True`` the sign flips, ``(theta - G) / T``: low activity means positive.
+    """
+    z = goodness(h, minus) + (threshold if minus else -threshold)
+    return z if temperature == 1.0 else z / temperature
+
+
+def ff_layer_loss(logit_pos: Tensor, logit_neg: Tensor) -> Tensor:
+    """Logistic loss of one layer: ``-log p(pos | positive data) - log(1 - p(pos | negative data))``.
+
+    Both terms are means over their batch; ``softplus(-z) = -log sigmoid(z)`` keeps it stable.
+    """
+    return F.softplus(-logit_pos).mean() + F.softplus(logit_neg).mean()
+
+
+def collaborative_logits(logits: Sequence[Tensor]) -> list[Tensor]:
+    """Collaborative Forward-Forward logits (Lorberbom et al. 2024, the collaborative objective).
+
+    Layer ``k`` is judged on the goodness of the whole network, ``sum_l (G_l - theta_l)``, with every
+    other layer's term held constant (detached): its value is the collective one, its gradient only its own.
+    """
+    total = torch.stack([z.detach() for z in logits]).sum(0)
+    return [z + (total - z.detach()) for z in logits]
+
+
+def length_normalize(h: Tensor, eps: float = 1e-8) -> Tensor:
+    """Divide each example's activity vector by its root-mean-square (Hinton 2022, section 2.1).
+
+    The direction is kept and the length is set to ``sqrt(D)``, so the next layer sees no trace of this
+    layer's goodness. (Root-mean-square rather than unit length keeps inputs O(1) per unit; the two
+    differ only by the constant ``sqrt(D)``.)
+    """
+    return F.rms_norm(h, h.shape[1:], eps=eps)
+
+
+def embed_label(x: Tensor, labels: Tensor | None, classes: int, mode: str, scale: float = 1.0) -> Tensor:
+    """Write the one-hot label into a flattened input (Hinton 2022, section 3.3).
+
+    ``mode="overwrite"`` replaces the first ``classes`` features (the image's first pixels, blank in
+    MNIST); ``mode="concat"`` puts the one-hot code in front of the input. ``labels=None`` writes the
+    neutral label, ``1/classes`` in every entry (the paper's 0.1 for ten classes). Returns ``(N, D)``.
+    """
+    flat = x.flatten(1)
+    n = flat.shape[0]
+    if labels is None:
+        code = torch.full((n, classes), scale / classes, dtype=flat.dtype, device=flat.device)
+    else:
+        code = F.one_hot(labels.long(), classes).to(flat.dtype) * scale
+    if mode == "concat":
+        return torch.cat([code, flat], 1)
+    if mode == "overwrite":
+        if flat.shape[1] < classes:
+            raise ValueError(f"cannot overwrite {classes} label entries of a {flat.shape[1]}-feature input")
+        return torch.cat([code, flat[:, classes:]], 1)
+    raise ValueError(f"label mode must be 'overwrite' or 'concat', got {mode!r}")
+
+
+def random_negative_labels(labels: Tensor, classes: int, generator: torch.Generator | None = None) -> Tensor:
+    """A wrong label per example, uniform over the ``classes - 1`` wrong ones (never the true label)."""
+    shift = torch.randint(1, classes, labels.shape, generator=generator, device=labels.device)
+    return (labels + shift) % classes
+
+
+def hard_negative_labels(scores: Tensor, labels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+    """A wrong label per example drawn in proportion to the model's own belief in it (Hinton 2022, 3.3).
+
+    ``scores`` ``(N, C)`` are the model's class scores; the true label is masked out, the rest go through
+    a softmax, and one label is sampled per row, so the true label is never returned.
+    """
+    masked = scores.detach().float().scatter(1, labels.long().view(-1, 1), float("-inf"))
+    probs = torch.softmax(masked, 1)
+    # a row whose scores are all -inf or NaN would give NaN probabilities: fall back to uniform there
+    bad = ~torch.isfinite(probs).all(1, keepdim=True)
+    if bool(bad.any()):
+        uniform = torch.ones_like(probs).scatter(1, labels.long().view(-1, 1), 0.0)
+        probs = torch.where(bad, uniform, probs)
+    return torch.multinomial(probs, 1, generator=generator).view(-1)
+
+
+def mlp_blocks(model: nn.Module, exclude: Sequence[str] = ()) -> tuple[list[nn.Sequential], nn.Linear]:
+    """Split an MLP (``Flatten -> [Linear -> activation]* -> Linear``) into Forward-Forward layers.
+
+    Returns ``(blocks, head)``: each block is ``Sequential(Linear, <the element-wise modules after it>)``
+    sharing the model's own modules; ``head`` is the final ``Linear`` (its ``out_features`` is the number
+    of classes; Forward-Forward does not train it). Children named in ``exclude`` (modules a rule added,
+    such as a read-out) are skipped. Anything other than ``Flatten``, ``Linear``, ``Dropout`` and
+    parameter-free element-wise layers raises ``ValueError``.
+    """
+    if isinstance(model, nn.Sequential):
+        mods = [m for n, m in model.named_children() if n not in exclude]
+    else:
+        mods = [model]
+    linears = [i for i, m in enumerate(mods) if isinstance(m, nn.Linear)]
+    if len(linears) < 2:
+        raise ValueError("Forward-Forward needs an MLP with at least one hidden Linear layer and a final Linear")
+    for i, m in enumerate(mods):
+        if isinstance(m, (nn.Linear, nn.Flatten, nn.Dropout, nn.Identity)):
+            continue
+        if any(True for _ in m.parameters()) or len(list(m.children())) > 0:
+            raise ValueError(f"Forward-Forward works on plain MLPs; cannot handle layer {i}: {type(m).__name__}")
+    if any(isinstance(m, nn.Flatten) for m in mods[linears[0]:]):
+        raise ValueError("Forward-Forward MLP: Flatten must come before the first Linear")
+    blocks = []
+    for a, b in zip(linears[:-1], linears[1:]):
+        blocks.append(nn.Sequential(*mods[a:b]))
+    return blocks, mods[linears[-1]]
+
+
+# --- the rules ------------------------------------------------------------------------------------
+@register
+class ForwardForward(Rule):
+    """Supervised Forward-Forward (Hinton 2022) on the library's MLP.
+
+    Every hidden ``Linear -> activation`` pair is one layer with its own logistic loss (eq. 1); the
+    final ``Linear`` of the MLP is not used. Positive and negative data go through the net in one
+    batched pass per layer; each layer's input is detached and length-normalised.
+
+    Args:
+        threshold: ``theta`` per unit: a layer of ``D`` units uses ``theta = threshold * D`` (so with
+            the default 1 the layer is "positive" when its mean squared activity exceeds 1, the scale its
+            length-normalised input has).
+        minus: use ``-G`` as the goodness (positive data then have low activity).
+        temperature: ``T`` in ``sigmoid((G - theta) / T)``.
+        negatives: ``"random"`` (a uniformly drawn wrong label) or ``"hard"`` (a wrong label drawn in
+            proportion to the model's own prediction: from the read-out's softmax on a neutral-label pass
+            when ``readout=True``, else from the summed goodness of every label, which costs one extra
+            forward pass per class).
+        label_mode: ``"overwrite"`` the first ``C`` input features, ``"concat"`` the one-hot code in front
+            (the first ``Linear`` must then take ``C`` more inputs), or ``"auto"``: concat when the first
+            ``Linear`` has room for it, else overwrite.
+        label_scale: value written for the label's "hot" entry.
+        readout: also train a linear softmax read-out (``ff_readout``, kept on the MLP's unused final
+            ``Linear`` so ``model(x)`` still works and optimizers see it) on the detached,
+            normalised activities of the scoring layers of a neutral-label pass (section 3.3's "quick but
+            sub-optimal" classifier); ``rule.loss`` is its loss. With ``negatives="hard"`` the read-out's
+            softmax picks the hard negatives, as in the paper, for one extra forward pass.
+        predict_by: ``"goodness"`` (run every label, sum the goodness of the scoring layers) or
+            ``"readout"`` (one neutral-label pass through the read-out; needs ``readout=True``).
+        skip_first: leave the first hidden layer out of the goodness sum at prediction (and out of the
+            read-out), as the paper does; ignored for one-hidden-layer nets.
+        loss, seed: see :class:`~forwardlearn.rules.base.Rule`. ``loss`` is used only by the read-out.
+
+    ``local_loss_hook`` (attribute, default ``None``): ``hook(k, loss_k) -> loss_k`` applied to layer
+    ``k``'s local loss before its gradient is taken; the locality tests use it.
+    """
+
+    name: ClassVar[str] = "ff"
+    description: ClassVar[str] = "Forward-Forward: per-layer logistic goodness loss, positive vs wrong-label data"
+    paper: ClassVar[str] = "Hinton 2022, The Forward-Forward Algorithm: Some Preliminary Investigations"
+    defaults: ClassVar[dict[str, Any]] = {
+        "optimizer": "adam",
+        "lr": 0.005,
+        "epochs": 40,
+        "batch_size": 64,
+        "hidden": [256, 256],
+        "model": "mlp",
+    }
+    forward_only: ClassVar[bool] = True
+    #: the per-layer probability each layer is trained with: "local" (FF) or "collaborative" (CFF)
+    objective: ClassVar[str] = "local"
+
+    def __init__(
+        self,
+        threshold: float = 1.0,
+        minus: bool = False,
+        temperature: float = 1.0,
+        negatives: str = "random",
+        label_mode: str = "auto",
+        label_scale: float = 1.0,
+        readout: bool = False,
+        predict_by: str = "goodness",
+        skip_first: bool = True,
+        loss: LossFn | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(loss=loss, seed=seed)
+        if isinstance(threshold, bool) or not isinstance(threshold, (int, float)) or not threshold >= 0:
+            raise ValueError(f"threshold must be a number >= 0, got {threshold!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"temperature must be a positive number, got {temperature!r}")
+        if negatives not in ("random", "hard"):
+            raise ValueError(f"negatives must be 'random' or 'hard', got {negatives!r}")
+        if label_mode not in ("auto", "overwrite", "concat"):
+            raise ValueError(f"label_mode must be 'auto', 'overwrite' or 'concat', got {label_mode!r}")
+        if isinstance(label_scale, bool) or not isinstance(label_scale, (int, float)) or not label_scale > 0:
+            raise ValueError(f"label_scale must be a positive number, got {label_scale!r}")
+        if predict_by not in ("goodness", "readout"):
+            raise ValueError(f"predict_by must be 'goodness' or 'readout', got {predict_by!r}")
+        if predict_by == "readout" and not readout:
+            raise ValueError("predict_by='readout' needs readout=True")
+        for key, val in (("minus", minus), ("readout", readout), ("skip_first", skip_first)):
+            if not isinstance(val, bool):
+                raise ValueError(f"{key} must be True or False, got {val!r}")
+        self.threshold = float(threshold)
+        self.minus = minus
+        self.temperature = float(temperature)
+        self.negatives = negatives
+        self.label_mode = label_mode
+        self.label_scale = float(label_scale)
+        self.readout = readout
+        self.predict_by = predict_by
+        self.skip_first = skip_first
+        self.local_loss_hook: LocalLossHook | None = None
+        self._walk: tuple[Any, tuple[list[nn.Module], int], nn.Module] | None = None
+
+    # --- the network walk (override these for other architectures) ------------------------------
+    def blocks(self, model: nn.Module) -> tuple[list[nn.Module], int]:
+        """The Forward-Forward layers of ``model`` in order, and the number of classes.
+
+        The walk is cached for the last model seen (checked by identity and by its list of modules).
+        """
+        key = (id(model), tuple(id(m) for m in model.children()))
+        if self._walk is None or self._walk[0] != key:
+            blocks, head = mlp_blocks(model, exclude=("ff_readout",))
+            self._walk = (key, (list(blocks), head.out_features), head)
+        return self._walk[1]
+
+    def readout_host(self, model: nn.Module) -> nn.Module:
+        """The module that carries the read-out as its child ``ff_readout``: one whose ``forward`` ignores
+        it (the MLP's final ``Linear``, which Forward-Forward does not use). Subclasses that override
+        :meth:`blocks` override this too."""
+        self.blocks(model)
+        return self._walk[2]
+
+    def readout_module(self, model: nn.Module) -> nn.Linear:
+        """The read-out ``Linear``; ``RuntimeError`` when ``attach`` has not added it."""
+        head = getattr(self.readout_host(model), "ff_readout", None)
+        if head is None:
+            raise RuntimeError("readout=True: call rule.attach(model) first")
+        return head
+
+    def embed(self, model: nn.Module, x: Tensor, labels: Tensor | None, classes: int) -> Tensor:
+        """The first layer's input: ``x`` with ``labels`` (``None``: neutral) written in."""
+        return embed_label(x, labels, classes, self._label_mode(model, x, classes), self.label_scale)
+
+    def normalize(self, h: Tensor) -> Tensor:
+        """What a layer passes on: its activity, length-normalised and detached (no gradient crosses)."""
+        return length_normalize(h.detach())
+
+    def layer_threshold(self, h: Tensor) -> float:
+        """``theta`` of a layer with activities ``h``: ``threshold`` times its number of units."""
+        return self.threshold * h[0].numel()
+
+    def scoring_layers(self, n: int) -> list[int]:
+        """Indices of the layers whose goodness is summed at prediction (all but the first, as in 3.3)."""
+        return list(range(1 if self.skip_first and n > 1 else 0, n))
+
+    # --- internals ------------------------------------------------------------------------------
+    def _label_mode(self, model: nn.Module, x: Tensor, classes: int) -> str:
+        if self.label_mode != "auto":
+            return self.label_mode
+        first = next((m for m in model.modules() if isinstance(m, nn.Linear)), None)
+        features = x[0].numel()
+        if first is not None and first.in_features == features + classes:
+            return "concat"
+        return "overwrite"
+
+    def activities(self, model: nn.Module, inputs: Tensor, labels: Tensor | None = None) -> list[Tensor]:
+        """Every layer's activity (before normalisation) for ``inputs`` labelled ``labels`` (``None``: neutral)."""
+        blocks, classes = self.blocks(model)
+        with torch.no_grad():
+            h = self.embed(model, inputs, labels, classes)
+            out = []
+            for i, block in enumerate(blocks):
+                h = block(self.normalize(h) if i else h)
+                out.append(h)
+        return out
+
+    def _readout_features(self, acts: Sequence[Tensor]) -> Tensor:
+        idx = self.scoring_layers(len(acts))
+        return torch.cat([length_normalize(acts[i].detach()).flatten(1) for i in idx], 1)
+
+    def _goodness_scores(self, model: nn.Module, inputs: Tensor) -> Tensor:
+        """``(N, C)``: summed goodness of the scoring layers with each label written in (one batched pass)."""
+        blocks, classes = self.blocks(model)
+        n = inputs.shape[0]
+        labels = torch.arange(classes, device=inputs.device).repeat_interleave(n)
+        rep = inputs.repeat(classes, *([1] * (inputs.dim() - 1)))
+        keep = set(self.scoring_layers(len(blocks)))
+        score = torch.zeros(classes * n, device=inputs.device)
+        with torch.no_grad():
+            h = self.embed(model, rep, labels, classes)
+            for i, block in enumerate(blocks):
+                h = block(self.normalize(h) if i else h)
+                if i in keep:
+                    score = score + goodness(h, self.minus).float()
+        return score.view(classes, n).t()
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        blocks, classes = self.blocks(model)  # validates the architecture
+        host = self.readout_host(model)
+        if self.readout and not hasattr(host, "ff_readout"):
+            p = next(model.parameters())
+            width = self._readout_width(model, blocks)
+            host.add_module("ff_readout", nn.Linear(width, classes).to(device=p.device, dtype=p.dtype))
+        return model
+
+    def _readout_width(self, model: nn.Module, blocks: Sequence[nn.Module]) -> int:
+        widths = []
+        for block in blocks:
+            lin = [m for m in block.modules() if isinstance(m, nn.Linear)]
+            if not lin:
+                raise ValueError("readout needs the width of every layer; override _readout_width")
+            widths.append(lin[0].out_features)
+        return sum(widths[i] for i in self.scoring_layers(len(widths)))
+
+    def negative_labels(self, model: nn.Module, inputs: Tensor, targets: Tensor,
+                        scores: Tensor | None = None) -> Tensor:
+        """Wrong labels for the negative data (never the true one), by ``self.negatives``."""
+        _, classes = self.blocks(model)
+        gen = self.generator(targets.device)
+        if self.negatives == "random":
+            return random_negative_labels(targets, classes, gen)
+        if scores is None:
+            scores = self._goodness_scores(model, inputs)
+        return hard_negative_labels(scores, targets, gen)
+
+    def _logits(self, hs: Sequence[Tensor]) -> list[Tensor]:
+        """Each layer's ``p(positive)`` logit for every row of the stacked positive + negative batch."""
+        zs = [positive_logits(h, self.layer_threshold(h), self.minus, self.temperature) for h in hs]
+        return collaborative_logits(zs) if self.objective == "collaborative" else zs
+
+    # --- the contract ---------------------------------------------------------------------------
+    def grads(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
+        """Accumulate every layer's local-loss gradient; return the summed local losses (plus the read-out's)."""
+        blocks, classes = self.blocks(model)
+        n = inputs.shape[0]
+        total: Tensor = torch.zeros((), device=inputs.device)
+        scores = None
+        if self.readout:
+            acts = self.activities(model, inputs, None)  # neutral label, no gradient
+            logits = self.readout_module(model)(self._readout_features(acts))
+            total = total + self.loss(logits, targets)
+            scores = logits.detach()
+        neg = self.negative_labels(model, inputs, targets, scores)
+        # positive and negative data in one batch: rows [:n] carry the true label, rows [n:] a wrong one
+        h = self.embed(model, torch.cat([inputs, inputs]), torch.cat([targets, neg]), classes)
+        hs = []
+        for i, block in enumerate(blocks):
+            h = block(self.normalize(h) if i else h.detach())
+            hs.append(h)
+        # ff_layer_loss(z[:n], z[n:]) for all rows at once: softplus(-z) on positives, softplus(z) on negatives
+        sign = torch.ones(2, n, device=inputs.device)
+        sign[0] = -1.0
+        for k, z in enumerate(self._logits(hs)):
+            lk = F.softplus(z.view(2, n) * sign).mean(1).sum()
+            if self.local_loss_hook is not None:
+                lk = self.local_loss_hook(k, lk)
+            total = total + lk
+        value = check_finite(total.detach(), "Forward-Forward loss")
+        total.backward()  # every layer's input is detached: each loss reaches only its own layer
+        self.steps += 1
+        return value
+
+    def predict(self, model: nn.Module, inputs: Tensor) -> Tensor:
+        if self.predict_by == "readout":
+            with torch.no_grad():
+                return self.readout_module(model)(self._readout_features(self.activities(model, inputs, None)))
+        return self._goodness_scores(model, inputs)
+
+
+@register
+class CollaborativeForwardForward(ForwardForward):
+    """Collaborative Forward-Forward (Lorberbom et al. 2024): every layer's ``p(positive)`` uses the
+    goodness of all layers, ``sigmoid(sum_l (G_l - theta_l) / T)``, the other layers' terms held
+    constant (stop-gradient), so each layer still receives only its own gradient. Prediction sums the
+    goodness of all layers (``skip_first=False`` by default). Options as :class:`ForwardForward`.
+    """
+
+    name: ClassVar[str] = "cff"
+    description: ClassVar[str] = "collaborative Forward-Forward: each layer's loss uses the whole net's goodness"
+    paper: ClassVar[str] = (
+        "Lorberbom, Gat, Adi, Schwing & Hazan 2024 (AAAI), Layer Collaboration in the Forward-Forward Algorithm"
+    )
+    defaults: ClassVar[dict[str, Any]] = {
+        "optimizer": "adam",
+        "lr": 0.003,
+        "epochs": 20,
+        "batch_size": 64,
+        "hidden": [256, 256],
+        "model": "mlp",
+    }
+    objective: ClassVar[str] = "collaborative"
+
+    def __init__(
+        self,
+        threshold: float = 1.0,
+        minus: bool = False,
+        temperature: float = 1.0,
+        negatives: str = "random",
+        label_mode: str = "auto",
+        label_scale: float = 1.0,
+        readout: bool = False,
+        predict_by: str = "goodness",
+        skip_first: bool = False,
+        loss: LossFn | None = None,
+        seed: int | None = None,
+    ) -> None:
+        super().__init__(threshold=threshold, minus=minus, temperature=temperature, negatives=negatives,
+                         label_mode=label_mode, label_scale=label_scale, readout=readout, predict_by=predict_by,
+                         skip_first=skip_first, loss=loss, seed=seed)
