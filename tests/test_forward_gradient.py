@@ -1,6 +1,7 @@
 """forward_gradient, activity_forward_gradient, local_forward_gradient and their shared helpers."""
 
 import copy
+import math
 
 import pytest
 import torch
@@ -332,3 +333,15 @@ def test_single_direction_grads_equals_estimate_plus_apply():
     rule.apply(b, *rule.estimate(b, x, y)[:2])
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p.grad, q.grad)
+
+
+def test_local_forward_gradient_on_the_library_cnn():
+    """Conv blocks get a pooled auxiliary head, also when the block ends by flattening its output."""
+    torch.manual_seed(0)
+    rule = fl.get_rule("local_forward_gradient", seed=0)
+    model = rule.attach(fl.models.cnn(1, 10, input_size=12))
+    x, y = torch.rand(8, 1, 12, 12), torch.randint(0, 10, (8,))
+    loss = rule.grads(model, x, y)
+    assert math.isfinite(loss)
+    convs = [m for m in model.net if isinstance(m, torch.nn.Conv2d)]
+    assert all(c.weight.grad is not None and c.weight.grad.abs().sum() > 0 for c in convs)

@@ -218,7 +218,7 @@ class ForwardForward(Rule):
         "hidden": [256, 256],
         "model": "mlp",
     }
-    forward_only: ClassVar[bool] = True
+    forward_only: ClassVar[bool] = False  # autograd inside each layer on its own local loss, never across layers
     #: the per-layer probability each layer is trained with: "local" (FF) or "collaborative" (CFF)
     objective: ClassVar[str] = "local"
 

@@ -555,6 +555,18 @@ class ActivityForwardGradient(Rule):
         return loss
 
 
+class ChannelPool(nn.Module):
+    """Global average pool per channel of a conv block's output, also after the block flattened it."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, h: Tensor) -> Tensor:
+        # Flatten keeps channel-major order, so (N, C*H*W) -> (N, C, H*W) undoes it
+        return h.reshape(h.shape[0], self.channels, -1).mean(-1)
+
+
 class LocalHeads(nn.Module):
     """``net`` plus one auxiliary classifier per hidden block; ``forward`` is ``net``'s."""
 
@@ -632,8 +644,7 @@ class LocalForwardGradient(Rule):
             if isinstance(layer, nn.Linear):
                 heads.append(nn.Linear(layer.out_features, classes))
             elif isinstance(layer, nn.Conv2d):
-                heads.append(nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(layer.out_channels,
-                                                                                           classes)))
+                heads.append(nn.Sequential(ChannelPool(layer.out_channels), nn.Linear(layer.out_channels, classes)))
             else:
                 raise ValueError(f"{self.name}: no auxiliary head for a block starting with {type(layer).__name__}")
         p = next(model.parameters())
