@@ -112,7 +112,7 @@ def test_model_free_ff_trains_through_black_box_layers(digits):
     acc = _train(model, rule, digits, epochs=4)
     # chance is 0.10; measured 0.919 after 4 epochs (seeded); 0.80 leaves room for platform differences
     assert acc >= 0.80
-    assert rule.forward_only
+    assert not rule.forward_only  # autograd inside each digital layer only
 
 
 def test_training_tracks_a_drifting_physical_layer(digits):

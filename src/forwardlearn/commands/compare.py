@@ -50,11 +50,13 @@ def _plot(results: list[dict[str, Any]], data: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(1, 2, figsize=(12, 4.5))
-    for r in results:
+    colors = plt.get_cmap("tab20").colors
+    for i, r in enumerate(results):
+        style = {"color": colors[i % len(colors)], "linestyle": "-" if i < len(colors) else "--", "marker": "."}
         acc = r["test_acc_per_epoch"]
-        ax[0].plot(range(1, len(acc) + 1), acc, marker=".", label=r["rule"])
-        t = [sum(r["seconds_per_epoch"][: i + 1]) for i in range(len(acc))]
-        ax[1].plot(t, acc, marker=".", label=r["rule"])
+        ax[0].plot(range(1, len(acc) + 1), acc, label=r["rule"], **style)
+        t = [sum(r["seconds_per_epoch"][: j + 1]) for j in range(len(acc))]
+        ax[1].plot(t, acc, label=r["rule"], **style)
     ax[0].set(xlabel="epoch", ylabel="test accuracy", title=f"{data}: test accuracy per epoch")
     ax[1].set(xlabel="training seconds (this machine)", ylabel="test accuracy", title="time to accuracy")
     ax[1].set_xscale("log")
