@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from ._common import add_common, parse_hidden, parse_options, positive
+from ._common import add_common, parse_hidden, parse_options, positive, run_directory, training_config
 
 NAME = "train"
 HELP = "train a model with a learning rule (checkpoint every epoch, --resume continues exactly)"
@@ -47,25 +46,10 @@ def run(args: argparse.Namespace) -> int:
     options = parse_options(args.opt)
     spec = data.info(args.data)
     device = resolve_device(args.device)
-    out = Path(args.out or f"runs/{args.rule}-{args.data}")
-    if (out / "checkpoint.pt").exists() and not args.resume:
-        raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+    out = run_directory(args, args.resume)
     torch.manual_seed(args.seed)
     rule = get_rule(args.rule, seed=args.seed, **options)
-    d = type(rule).defaults
-    cfg = {
-        "rule": args.rule,
-        "options": {k: repr(v) for k, v in options.items()},
-        "data": args.data,
-        "model": args.model or d.get("model", "mlp"),
-        "hidden": hidden if hidden is not None else list(d.get("hidden") or []),
-        "activation": args.activation,
-        "epochs": args.epochs or d["epochs"],
-        "batch_size": args.batch_size or d["batch_size"],
-        "lr": args.lr or d["lr"],
-        "optimizer": args.optimizer or d["optimizer"],
-        "seed": args.seed,
-    }
+    cfg = {**training_config(args, type(rule).defaults, hidden), "options": {k: repr(v) for k, v in options.items()}}
     if args.resume and (out / "checkpoint.pt").exists():
         old = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True).get("config", {})
         changed = [k for k in ("rule", "options", "data", "model", "hidden", "batch_size", "optimizer", "seed")

@@ -508,7 +508,7 @@ def init_process_group(device: torch.device | str = "cpu") -> torch.device:
 def train_distributed(args: argparse.Namespace) -> int:
     """Run ``forwardlearn train`` with ``--distributed`` and/or ``--update-log`` (see the module doc)."""
     from .. import data, models
-    from ..commands._common import parse_hidden, parse_options
+    from ..commands._common import parse_hidden, parse_options, run_directory, training_config
     from ..rules import get_rule
     from ..train import make_optimizer, resolve_device
 
@@ -523,28 +523,17 @@ def train_distributed(args: argparse.Namespace) -> int:
         created, device = _init_process_group(device)
     try:
         exchange: Exchange | None = TorchExchange(device) if getattr(args, "distributed", False) else None
-        out = Path(args.out or f"runs/{args.rule}-{args.data}")
         # an elastic restart (torchrun --max-restarts) resumes from the last checkpoint by itself
         resume = args.resume or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
-        if (out / CHECKPOINT).exists() and not resume:  # checked on every rank, so that all of them stop
-            raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
+        out = run_directory(args, resume)  # checked on every rank, so that all of them stop
         torch.manual_seed(args.seed)
         rule = get_rule(args.rule, seed=args.seed, **options)
         d = type(rule).defaults
         cfg = {
-            "rule": args.rule,
+            **training_config(args, d, hidden),
             "rule_options": {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))},
-            "data": args.data,
             "shape": list(spec.shape),
             "classes": spec.classes,
-            "model": args.model or d.get("model", "mlp"),
-            "hidden": hidden if hidden is not None else list(d.get("hidden") or []),
-            "activation": args.activation,
-            "epochs": args.epochs or d["epochs"],
-            "batch_size": args.batch_size or d["batch_size"],
-            "lr": args.lr or d["lr"],
-            "optimizer": args.optimizer or d["optimizer"],
-            "seed": args.seed,
             "world_size": exchange.world_size if exchange is not None else 1,
             "directions": int(getattr(rule, "directions", 0)),
         }
