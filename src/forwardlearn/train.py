@@ -138,7 +138,6 @@ class Trainer:
         config: dict[str, Any] | None = None,
         eval_train: bool = True,
         check_grads: bool = True,
-        step_hook: Callable[[Trainer, Tensor, Tensor], float] | None = None,
     ) -> None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
@@ -157,7 +156,6 @@ class Trainer:
         self.config = dict(config or {})
         self.eval_train = eval_train
         self.check_grads = check_grads
-        self.step_hook = step_hook
         self.generator = torch.Generator().manual_seed(seed)  # the shuffling stream
         self.history = History()
         self.epoch = 0  # epochs completed
@@ -166,8 +164,6 @@ class Trainer:
     # --- one step -------------------------------------------------------------------------
     def step(self, xb: Tensor, yb: Tensor) -> float:
         """One update. Raises :class:`NonFiniteError` before ``optimizer.step()`` if anything is not finite."""
-        if self.step_hook is not None:
-            return self.step_hook(self, xb, yb)
         self.optimizer.zero_grad(set_to_none=True)
         try:
             loss = self.rule.grads(self.model, xb, yb)

@@ -111,9 +111,9 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def _rules(spec: str) -> list[str]:
     """``all`` or named rules (validated as ``forwardlearn compare`` does), always with the backprop reference."""
-    from .compare import _select
+    from .compare import select_rules
 
-    names = _select(spec)
+    names = select_rules(spec)
     return names if "backprop" in names else ["backprop", *names]
 
 

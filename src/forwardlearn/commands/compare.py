@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_common(p)
 
 
-def _select(spec: str) -> list[str]:
+def select_rules(spec: str) -> list[str]:
     from ..rules import available_rules, rule_class
 
     if spec == "all":
@@ -111,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     from ..train import resolve_device, train
 
     torch.set_num_threads(args.threads or 1)  # small models: one thread is fastest and least disturbed by load
-    names = _select(args.rules)
+    names = select_rules(args.rules)
     spec = data.info(args.data)
     device = resolve_device(args.device)
     Xtr, ytr = data.load(args.data, "train", root=args.data_dir)
