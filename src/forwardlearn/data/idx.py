@@ -154,6 +154,8 @@ def _from_mirrors(name: str, d: Path, progress: bool) -> list[str]:
             return []
         except Exception as e:  # noqa: BLE001 - every mirror failure is reported, then the next is tried
             errors.append(f"{base}: {e}")
+            if progress:
+                print(f"  unavailable ({e}); trying the next source")
     return errors
 
 
