@@ -34,6 +34,7 @@ from forwardlearn.rules.forward_gradient import CHUNK, Directions
 RULES: dict[str, dict[str, Any]] = {
     "forward_gradient": {"directions": 1},
     "forward_gradient+reuse_tangents": {"directions": 1, "reuse_tangents": True},
+    "forward_gradient+rank1": {"directions": 1, "tangent": "rank1"},
     "activity_forward_gradient": {"directions": 1},
     "local_forward_gradient": {},
     "ulr": {"copies": 8},  # time and activation memory grow linearly with the copies

@@ -14,6 +14,7 @@ from forwardlearn.rules.forward_gradient import (
     Directions,
     jvp_loss,
     per_example_directional,
+    sequential_jvp,
 )
 
 
@@ -74,18 +75,19 @@ def test_directions_regenerate_bit_identically_and_chunkwise(dist):
 def test_rademacher_signs_are_fair_at_every_bit_position():
     z = Directions("rademacher").chunk(7, 0, CHUNK, torch.device("cpu"))
     assert set(z.unique().tolist()) == {-1.0, 1.0}
-    per_bit = z.view(31, -1).mean(1)  # row b holds bit 30-b of the 1024 words of the chunk
-    # each row averages 1024 fair signs: std 1/32; 0.15 is 4.8 std, so a stuck bit (mean +-1) fails
-    assert per_bit.abs().max() < 0.15
-    assert abs(float(z.mean())) < 0.02  # 31744 signs: std 0.0056, 0.02 is 3.5 std
+    words = CHUNK // 31
+    per_bit = z.view(31, words).mean(1)  # row b holds bit 30-b of every word of the chunk
+    # each row averages `words` (16384) fair signs: std 1/128; 0.05 is 6.4 std, so a stuck bit (mean +-1) fails
+    assert per_bit.abs().max() < 0.05
+    assert abs(float(z.mean())) < 0.006  # 507904 signs: std 0.0014, 0.006 is 4.3 std
     # neighbouring chunks are independent streams
     z1 = Directions("rademacher").chunk(7, 1, CHUNK, torch.device("cpu"))
-    assert abs(float((z * z1).mean())) < 0.02
+    assert abs(float((z * z1).mean())) < 0.006
 
 
 def test_gaussian_directions_have_unit_variance():
     z = Directions("gaussian").chunk(7, 0, CHUNK, torch.device("cpu"))
-    assert abs(float(z.std()) - 1) < 0.02  # std of the sample std is 1/sqrt(2 * 31744) = 0.004
+    assert abs(float(z.std()) - 1) < 0.005  # std of the sample std is 1/sqrt(2 * 507904) = 0.001
 
 
 def test_bad_distribution_rejected():
@@ -106,6 +108,48 @@ def test_jvp_loss_is_the_exact_directional_derivative():
     assert loss == pytest.approx(float(F.cross_entropy(model(x), y).detach()), rel=1e-12)
     assert d == pytest.approx(float(torch.dot(g, torch.cat([v.reshape(-1) for v in vs]))), rel=1e-9)
     assert all(isinstance(p, nn.Parameter) for p in model.parameters())  # weights put back
+
+
+@pytest.mark.parametrize("act", [nn.ReLU, nn.Tanh, nn.Sigmoid, lambda: nn.LeakyReLU(0.1), lambda: nn.ReLU(True)])
+def test_sequential_jvp_equals_forward_mode_ad(act):
+    """The written-out tangent rules give the directional derivative of forward-mode AD (float64: both
+    are exact up to rounding, 1e-10 relative), with frozen layers, bias-free layers and eval dropout."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Flatten(), nn.Linear(12, 9), act(), nn.Dropout(0.5), nn.Linear(9, 7, bias=False),
+                          act(), nn.Identity(), nn.Linear(7, 4)).double().eval()
+    model[1].bias.requires_grad_(False)  # a frozen bias: no tangent for it
+    x, y = torch.randn(6, 3, 4, dtype=torch.float64), torch.randint(0, 4, (6,))
+    params = [p for p in model.parameters() if p.requires_grad]
+    vs = [torch.randn_like(p) for p in params]
+    fast = sequential_jvp(model, x, y, F.cross_entropy, lambda i, p: vs[i])
+    assert fast is not None
+    slow = jvp_loss(model, x, y, F.cross_entropy, lambda i, p: vs[i], fast=False)
+    assert fast[0] == pytest.approx(slow[0], rel=1e-12)
+    assert fast[1] == pytest.approx(slow[1], rel=1e-10)
+    g = torch.autograd.grad(F.cross_entropy(model(x), y), params)
+    assert fast[1] == pytest.approx(float(sum((a * v).sum() for a, v in zip(g, vs))), rel=1e-10)
+
+
+def test_sequential_jvp_declines_what_it_does_not_know():
+    torch.manual_seed(0)
+    x, y = torch.randn(4, 5), torch.randint(0, 3, (4,))
+    tangents = lambda i, p: torch.ones_like(p)  # noqa: E731
+    gelu = nn.Sequential(nn.Linear(5, 4), nn.GELU(), nn.Linear(4, 3))
+    assert sequential_jvp(gelu, x, y, F.cross_entropy, tangents) is None
+    plain = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    assert sequential_jvp(plain, x, y, F.mse_loss, tangents) is None  # another loss
+    assert sequential_jvp(plain.train(), x, y, F.cross_entropy, tangents) is not None
+    assert sequential_jvp(nn.Sequential(nn.Linear(5, 3), nn.Dropout(0.2)).train(), x, y, F.cross_entropy,
+                          tangents) is None  # training-mode dropout is random
+    hooked = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    hooked[1].register_forward_hook(lambda m, a, out: out * 2)
+    assert sequential_jvp(hooked, x, y, F.cross_entropy, tangents) is None
+    ignored = torch.tensor([0, -100, 1, 2])
+    assert sequential_jvp(plain, x, ignored, F.cross_entropy, tangents) is None
+    # the general pass still gives the answer for all of them
+    loss, d = jvp_loss(gelu, x, y, F.cross_entropy, tangents)
+    g = torch.autograd.grad(F.cross_entropy(gelu(x), y), list(gelu.parameters()))
+    assert d == pytest.approx(float(sum(a.sum() for a in g)), rel=1e-4)
 
 
 class _Outside(nn.Module):
@@ -345,3 +389,53 @@ def test_local_forward_gradient_on_the_library_cnn():
     assert math.isfinite(loss)
     convs = [m for m in model.net if isinstance(m, torch.nn.Conv2d)]
     assert all(c.weight.grad is not None and c.weight.grad.abs().sum() > 0 for c in convs)
+
+
+# --- rank-one tangents ------------------------------------------------------------------------------
+
+
+def test_rank_one_tangent_directional_derivative_matches_forward_mode_ad():
+    """The fast path's rank-one update gives the same d as forward-mode AD on the materialised u r^T."""
+    model, x, y = _problem(hidden=(6, 5))
+    rule = fl.get_rule("forward_gradient", directions=1, tangent="rank1", seed=4)
+    seeds, scalars, loss = rule.estimate(model, x, y)
+    params = list(model.parameters())
+    layout = rule._layout(params)
+    full = [rule._tangent(seeds[0], layout, i, p) for i, p in enumerate(params)]
+    full = [t.full(p) if hasattr(t, "full") else t for t, p in zip(full, params)]
+    assert all(torch.linalg.matrix_rank(t) == 1 for t in full if t.dim() == 2)
+    _, d = jvp_loss(model, x, y, F.cross_entropy, lambda i, p: full[i], fast=False)
+    assert float(scalars[0]) == pytest.approx(d, rel=1e-10)
+    g = _true_grad(model, x, y)
+    assert d == pytest.approx(float(torch.dot(g, torch.cat([t.reshape(-1) for t in full]))), rel=1e-10)
+    # apply writes d * u r^T (and d * v for the biases) into .grad
+    rule.apply(model, seeds, scalars)
+    for p, t in zip(params, full):
+        _assert_close(p.grad, float(scalars[0]) * t)
+
+
+def test_rank_one_forward_gradient_is_unbiased():
+    """E[v v^T] = I for v = vec(u r^T): the mean of many rank-one estimates approaches the gradient."""
+    model, x, y = _problem(hidden=(6,))
+    g = _true_grad(model, x, y)
+    rule = fl.get_rule("forward_gradient", directions=4000, tangent="rank1", seed=0)
+    seeds, scalars, _ = rule.estimate(model, x, y)
+    rule.apply(model, seeds, scalars)
+    # 51 parameters: a full Rademacher tangent gives relative error^2 about (d - 1)/N = 0.0125 (cosine
+    # 0.994; rank-one tangents measured 0.992-0.996 over five seeds); 0.98 fails any biased estimate
+    # that drops or flips a layer
+    assert _cos(_flat_grad(model), g) >= 0.98
+
+
+def test_rank_one_option_validated_and_no_backward(monkeypatch):
+    with pytest.raises(ValueError, match="rank2"):
+        fl.get_rule("forward_gradient", tangent="rank2")
+    model, x, y = _problem()
+
+    def forbidden(*a, **k):
+        raise AssertionError("reverse mode used")
+
+    monkeypatch.setattr(torch.Tensor, "backward", forbidden)
+    monkeypatch.setattr(torch.autograd, "grad", forbidden)
+    fl.get_rule("forward_gradient", directions=1, tangent="rank1", seed=0).grads(model, x, y)
+    assert all(p.grad is not None and bool(p.grad.isfinite().all()) for p in model.parameters())

@@ -138,9 +138,9 @@ def test_chunking_spans_parameters_larger_than_a_chunk(mode):
     from forwardlearn.rules.forward_gradient import CHUNK
 
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(300, 120), torch.nn.ReLU(), torch.nn.Linear(120, 3)).double()
+    model = torch.nn.Sequential(torch.nn.Linear(1100, 470), torch.nn.ReLU(), torch.nn.Linear(470, 3)).double()
     assert model[0].weight.numel() > CHUNK
-    x, y = torch.randn(4, 300, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
+    x, y = torch.randn(4, 1100, dtype=torch.float64), torch.tensor([0, 1, 2, 0])
     a, b = copy.deepcopy(model), copy.deepcopy(model)
     fl.get_rule("zo_spsa", directions=2, seed=1).fused_step(a, x, y, lr=0.1)
     opt = torch.optim.SGD(b.parameters(), lr=0.1)

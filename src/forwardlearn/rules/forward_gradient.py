@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -29,11 +29,13 @@ from .base import LossFn, Rule, accumulate_grad, check_finite, register, trainab
 
 _MASK64 = (1 << 64) - 1
 _BITS = 31  # torch's int32 random_() fills bits 0..30
-CHUNK = 1024 * _BITS  #: elements per generated chunk (31744 floats, 124 KiB: stays in cache)
+_WORDS = 16384  #: random int32 words per chunk
+CHUNK = _WORDS * _BITS  #: elements per generated chunk (507904 signs, 1.9 MiB: stays in the L2/L3 cache)
 _SHIFTS: dict[torch.device, Tensor] = {}
 _SIGN = -(2**31)  # int32 with only the sign bit set
 _ONE = 0x3F800000  # bit pattern of float32 1.0
 DISTRIBUTIONS = ("rademacher", "gaussian")
+TANGENTS = ("full", "rank1")
 
 
 def mix_seed(seed: int, index: int) -> int:
@@ -62,6 +64,10 @@ class Directions:
     words: each bit becomes the sign bit of a float32 ``1.0``, i.e. 1/31 of a random draw per element
     plus three integer passes over a cache-resident chunk. ``gaussian`` uses ``normal_`` (float32).
     Both have ``E[z] = 0`` and ``E[z z^T] = I``, all the unbiasedness of the estimators needs.
+
+    Speed: a sweep over the weights costs a few kernel launches per chunk, so chunks are large enough
+    (:data:`CHUNK`) for the launches to vanish and for each operation to run on every thread, yet small
+    enough to stay in cache; :meth:`pieces` writes every chunk of a sweep into one buffer.
     """
 
     def __init__(self, distribution: str = "rademacher") -> None:
@@ -70,29 +76,41 @@ class Directions:
         self.distribution = distribution
         self._cache: tuple[int, int, torch.device, Tensor] | None = None
 
-    def chunk(self, seed: int, j: int, m: int, device: torch.device) -> Tensor:
-        """Chunk ``j`` (``m`` elements, float32) of direction ``seed``; a fresh tensor."""
-        g = torch.Generator(device=device)
+    def chunk(self, seed: int, j: int, m: int, device: torch.device, out: Tensor | None = None,
+              generator: torch.Generator | None = None) -> Tensor:
+        """Chunk ``j`` (``m`` elements, float32) of direction ``seed``: a fresh tensor, or a view of
+        ``out`` (a buffer of at least ``CHUNK`` float32-sized elements, overwritten)."""
+        g = generator if generator is not None else torch.Generator(device=device)
         g.manual_seed(mix_seed(seed, j))
         if self.distribution == "gaussian":
-            return torch.empty(m, device=device).normal_(generator=g)
+            z = torch.empty(m, device=device) if out is None else out.view(torch.float32).view(-1)[:m]
+            return z.normal_(generator=g)
         if device not in _SHIFTS:
             _SHIFTS[device] = torch.arange(1, _BITS + 1, dtype=torch.int32, device=device).unsqueeze(1)
         w = -(-m // _BITS)  # ceil(m / 31) words
         words = torch.empty(w, dtype=torch.int32, device=device).random_(generator=g)  # bits 0..30 fair
-        bits = torch.bitwise_left_shift(words, _SHIFTS[device])  # (31, w): bit 31-b moves to the sign bit
+        if out is None:
+            bits = torch.bitwise_left_shift(words, _SHIFTS[device])  # (31, w): bit 31-b moves to the sign bit
+        else:
+            bits = out.view(torch.int32).view(-1)[: _BITS * w].view(_BITS, w)
+            torch.bitwise_left_shift(words, _SHIFTS[device], out=bits)
         bits.bitwise_and_(_SIGN).bitwise_or_(_ONE)
         return bits.view(torch.float32).view(-1)[:m]
 
     def pieces(self, seed: int, numels: list[int], device: torch.device,
                only: int | None = None) -> Iterator[tuple[int, int, int, Tensor]]:
-        """Yield ``(i, start, stop, z_i[start:stop])`` (float32) covering every parameter (or only ``only``)."""
+        """Yield ``(i, start, stop, z_i[start:stop])`` (float32) covering every parameter (or only ``only``).
+
+        Every chunk of one call is written into the same buffer: a yielded piece is valid until the
+        iterator advances past its chunk (copy it to keep it)."""
         offsets = [0]
         for n in numels:
             offsets.append(offsets[-1] + n)
         total = offsets[-1]
         lo, hi = (0, total) if only is None else (offsets[only], offsets[only + 1])
         i = 0 if only is None else only
+        buf: Tensor | None = None
+        gen: torch.Generator | None = None
         for j in range(lo // CHUNK, -(-hi // CHUNK)):
             c0 = j * CHUNK
             m = min(CHUNK, total - c0)
@@ -100,7 +118,10 @@ class Directions:
             if self._cache is not None and self._cache[:3] == key:
                 z = self._cache[3]
             else:
-                z = self.chunk(seed, j, m, device)
+                if buf is None:
+                    buf = torch.empty(_BITS * -(-min(CHUNK, total) // _BITS), device=device)  # room for any chunk
+                    gen = torch.Generator(device=device)
+                z = self.chunk(seed, j, m, device, out=buf, generator=gen)
                 self._cache = (*key, z)
             c1 = c0 + m
             while i < len(numels) and offsets[i] < c1 and (only is None or i == only):
@@ -173,14 +194,133 @@ def _check_positive(value: Any, what: str) -> float:
 # --- forward-mode pass with per-layer tangents ------------------------------------------------------
 
 
+class RankOne(NamedTuple):
+    """A weight tangent ``V = u r^T`` kept as its two factors (``u``: the weight's first dimension,
+    ``r``: the rest flattened); :func:`sequential_jvp` uses it without forming ``V``."""
+
+    u: Tensor
+    r: Tensor
+
+    def full(self, like: Tensor) -> Tensor:
+        """``u r^T`` shaped like the parameter ``like``."""
+        return torch.outer(self.u, self.r).to(like.dtype).view_as(like)
+
+
+Tangent = Tensor | RankOne
+
+
+def _elementwise_jvp(m: nn.Module, z: Tensor, h: Tensor, t: Tensor) -> Tensor | None:
+    """Tangent of ``h = m(z)`` along ``t`` for the element-wise layers of :func:`sequential_jvp`
+    (``t`` may be overwritten); ``None`` for a layer it does not know."""
+    if isinstance(m, nn.ReLU):
+        return t.mul_(h > 0)
+    if isinstance(m, nn.LeakyReLU):
+        return t.mul_(torch.where(z > 0, 1.0, m.negative_slope).to(t.dtype))
+    if isinstance(m, nn.Tanh):
+        return t.mul_(1 - h * h)
+    if isinstance(m, nn.Sigmoid):
+        return t.mul_(h * (1 - h))
+    return None
+
+
+_PASS_THROUGH = (nn.Identity, nn.Flatten)
+_ELEMENTWISE = (nn.ReLU, nn.LeakyReLU, nn.Tanh, nn.Sigmoid)
+_FAST_LAYERS = (nn.Linear, nn.Dropout, *_PASS_THROUGH, *_ELEMENTWISE)
+
+
+def sequential_jvp(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    loss_fn: LossFn,
+    tangent_of: Callable[[int, nn.Parameter], Tangent | None],
+) -> tuple[float, float] | None:
+    """:func:`jvp_loss` for the common case, with the tangent rules written out: a ``Sequential`` of
+    ``Flatten``/``Linear``/``ReLU``/``LeakyReLU``/``Tanh``/``Sigmoid``/``Identity`` (and ``Dropout`` in
+    eval mode) under ``F.cross_entropy`` with class-index targets. ``None`` when the model or the loss is
+    anything else (the caller then runs the general forward-mode pass).
+
+    Forward-mode AD by hand (Baydin et al. 2022, Sec. 2): every layer carries the pair ``(h, h')``;
+    ``Linear``: ``z' = h W'^T + b' + h' W^T``; element-wise ``f``: ``h' = f'(z) z'``; cross-entropy:
+    ``L' = mean_n (softmax(z_n) . z'_n - z'_n[y_n])``. The same matrix products as forward-mode AD, fused
+    into ``addmm`` calls without dual-tensor dispatch; each layer's tangent lives only while it runs.
+    """
+    if type(model) is not nn.Sequential or loss_fn is not F.cross_entropy:
+        return None
+    if targets.dim() != 1 or targets.dtype not in (torch.int64, torch.int32) or inputs.dim() < 2:
+        return None
+    if targets.numel() == 0 or bool((targets < 0).any()):
+        return None  # ignore_index and friends: leave them to the general pass
+    params = trainable_parameters(model)
+    index = {id(p): i for i, p in enumerate(params)}
+    for m in model.modules():
+        if m is model:
+            continue
+        if type(m) not in _FAST_LAYERS or m._forward_hooks or m._forward_pre_hooks:
+            return None  # exact types only: a subclass may change forward
+        if isinstance(m, nn.Dropout) and m.training and m.p > 0:
+            return None
+        if isinstance(m, nn.LeakyReLU) and (m.inplace or m.negative_slope < 0):
+            return None
+    g = nn.modules.module
+    if model._forward_hooks or model._forward_pre_hooks or g._global_forward_hooks or g._global_forward_pre_hooks:
+        return None
+    if sum(1 for m in model if isinstance(m, nn.Linear) for p in m.parameters(recurse=False)
+           if id(p) in index) != len(params):
+        return None  # a parameter used outside a Linear
+    with torch.no_grad():
+        h, t = inputs, None
+        for m in model:
+            if isinstance(m, nn.Linear):
+                w, b = m.weight, m.bias
+                tw = tangent_of(index[id(w)], w) if id(w) in index else None
+                tb = tangent_of(index[id(b)], b) if b is not None and id(b) in index else None
+                z = F.linear(h, w, b)
+                tz = None
+                if isinstance(tw, RankOne):  # h (u r^T)^T = (h r) u^T: a rank-one update, no matrix product
+                    base = tb.to(w.dtype).expand_as(z) if tb is not None else torch.zeros_like(z)
+                    tz = torch.addr(base, h @ tw.r.to(w.dtype), tw.u.to(w.dtype))
+                elif tw is not None:
+                    tw = tw.to(w.dtype).view_as(w)
+                    tz = torch.addmm(tb.to(w.dtype), h, tw.t()) if tb is not None else h @ tw.t()
+                elif tb is not None:
+                    tz = tb.to(w.dtype).expand_as(z).clone()
+                del tw, tb
+                if t is not None:
+                    tz = t @ w.t() if tz is None else tz.addmm_(t, w.t())
+                h, t = z, tz
+            elif isinstance(m, _ELEMENTWISE):
+                out = m(h)
+                if t is not None:
+                    t = _elementwise_jvp(m, h, out, t)
+                h = out
+            elif isinstance(m, nn.Flatten):
+                h = m(h)
+                t = None if t is None else m(t)
+            # Identity and eval-mode Dropout: nothing to do
+        if h.dim() != 2:
+            return None
+        logp = torch.log_softmax(h, 1)
+        y = targets.long().view(-1, 1)
+        loss = -logp.gather(1, y).mean()
+        if t is None:
+            return float(loss), 0.0
+        d = ((logp.exp_() * t).sum(1) - t.gather(1, y).squeeze(1)).mean()
+        return float(loss), float(d)
+
+
 def jvp_loss(
     model: nn.Module,
     inputs: Tensor,
     targets: Tensor,
     loss_fn: LossFn,
-    tangent_of: Callable[[int, nn.Parameter], Tensor | None],
+    tangent_of: Callable[[int, nn.Parameter], Tangent | None],
+    fast: bool = True,
 ) -> tuple[float, float]:
     """``(loss, d)`` with ``d = sum_i grad_i . tangent_of(i, p_i)``, by one forward-mode AD pass.
+
+    Plain MLPs under cross-entropy take :func:`sequential_jvp` (the same numbers, written-out tangent
+    rules) unless ``fast=False``; everything else goes through ``torch.autograd.forward_ad``:
 
     Each module's own parameters become dual tensors (primal = the detached weights, tangent =
     ``tangent_of(i, p)``) just before that module runs and are put back right after, so only one
@@ -190,6 +330,10 @@ def jvp_loss(
     AD is re-raised as ``RuntimeError`` naming the innermost layer that was running. ``tangent_of``
     must be deterministic (a tied parameter asks for its tangent once per module that owns it).
     """
+    if fast:
+        out = sequential_jvp(model, inputs, targets, loss_fn, tangent_of)
+        if out is not None:
+            return out
     params = trainable_parameters(model)
     index = {id(p): i for i, p in enumerate(params)}
     names = {m: n or type(model).__name__ for n, m in model.named_modules()}
@@ -200,7 +344,8 @@ def jvp_loss(
             owned[m] = own
 
     def tangent(p: nn.Parameter) -> Tensor | None:  # made when needed, dropped with the layer's dual weights
-        return tangent_of(index[id(p)], p)
+        t = tangent_of(index[id(p)], p)
+        return t.full(p) if isinstance(t, RankOne) else t
 
     def run(eager: bool) -> tuple[float, float, set[int]]:
         stack: list[nn.Module] = []
@@ -372,15 +517,24 @@ class ForwardGradient(Rule):
     per-direction integer seeds (:class:`Directions`); during the forward pass a layer's tangent
     exists only while that layer runs.
 
+    ``tangent="rank1"`` draws every weight matrix's tangent as an outer product ``V = u r^T`` (``u``, ``r``
+    of the chosen distribution; a convolution kernel is read as ``(out, in * kh * kw)``; biases keep a
+    full tangent). ``E[V_ij V_kl] = E[u_i u_k] E[r_j r_l] = delta_ik delta_jl``, so ``E[v v^T] = I`` still
+    holds and the estimate stays unbiased (Theorem 1 needs no more); with Rademacher factors every entry
+    is +-1 as before, but entries of one matrix are correlated, which changes the variance (measure it
+    with :func:`forwardlearn.diagnostics.gradient_alignment`). The gain is cost: ``h V^T = (h r) u^T`` is a
+    rank-one update instead of a matrix product, and only ``O(rows + columns)`` random numbers per
+    layer are drawn, so a step costs about two forward passes plus writing the gradient.
+
     Seed-and-scalar API (for distributed training and replay logs):
 
     - ``estimate(model, inputs, targets) -> (seeds, scalars, loss)``: ``K`` seeds drawn from the rule's
       stream, ``scalars[k] = d_k`` (float64, shape ``(K,)``); touches no ``.grad``, weights unchanged.
     - ``apply(model, seeds, scalars)``: ``p.grad += mean_k scalars[k] * v_k``, each ``v_k`` regenerated
       bit-identically from ``seeds[k]``.
-    - ``grads = estimate + apply`` (with ``reuse_tangents``, ``K = 1`` and no ``.grad`` yet: the same
-      numbers from one pass that keeps each layer's tangent as its gradient buffer -- one sweep of random
-      numbers instead of two, but the tangents and the activations then coexist at the peak).
+    - ``grads = estimate + apply`` (with ``reuse_tangents``, full tangents, ``K = 1`` and no ``.grad`` yet:
+      the same numbers from one pass that keeps each layer's tangent as its gradient buffer -- one sweep
+      of random numbers instead of two, but the tangents and the activations then coexist at the peak).
 
     Small models (``K`` x the number of weights up to :data:`BATCHED_LIMIT`) run the ``K`` tangents in
     one ``vmap``-ed pass; larger ones one lazy pass per tangent.
@@ -388,6 +542,7 @@ class ForwardGradient(Rule):
     Args:
         directions: tangents per step ``K`` (default 32, tuned for ``digits``; the paper uses 1).
         distribution: ``rademacher`` (default; +-1, cheapest to draw) or ``gaussian`` (the paper's).
+        tangent: ``full`` (default: i.i.d. entries, the paper's) or ``rank1`` (outer products, see above).
         reuse_tangents: trade a little peak memory for speed as described above (default off: lowest
             memory, the tangents live one layer at a time).
     """
@@ -401,15 +556,42 @@ class ForwardGradient(Rule):
     }
     forward_only: ClassVar[bool] = True
 
-    def __init__(self, directions: int = 32, distribution: str = "rademacher", reuse_tangents: bool = False,
-                 loss: LossFn | None = None, seed: int | None = None) -> None:
+    def __init__(self, directions: int = 32, distribution: str = "rademacher", tangent: str = "full",
+                 reuse_tangents: bool = False, loss: LossFn | None = None, seed: int | None = None) -> None:
         super().__init__(loss=loss, seed=seed)
         self.directions = _check_int(directions, "directions")
         if not isinstance(reuse_tangents, bool):
             raise ValueError(f"reuse_tangents must be a bool, got {reuse_tangents!r}")
+        if tangent not in TANGENTS:
+            raise ValueError(f"tangent must be one of {', '.join(TANGENTS)}, got {tangent!r}")
         self.reuse_tangents = reuse_tangents
+        self.tangent = tangent
         self.distribution = distribution
         self._dirs = Directions(distribution)
+
+    # --- tangents ------------------------------------------------------------------------------------
+    def _layout(self, params: list[nn.Parameter]) -> tuple[list[int], list[list[int]]]:
+        """The lengths of the random vectors a direction is made of, and which of them each parameter uses:
+        one per parameter (``full``), or two factors per weight matrix (``rank1``)."""
+        if self.tangent == "full":
+            return [p.numel() for p in params], [[i] for i in range(len(params))]
+        numels: list[int] = []
+        slots: list[list[int]] = []
+        for p in params:
+            sizes = [p.shape[0], p.numel() // p.shape[0]] if p.dim() >= 2 else [p.numel()]
+            slots.append(list(range(len(numels), len(numels) + len(sizes))))
+            numels.extend(sizes)
+        return numels, slots
+
+    def _tangent(self, seed: int, layout: tuple[list[int], list[list[int]]], i: int, p: Tensor) -> Tangent:
+        """Parameter ``i``'s tangent of direction ``seed`` (a :class:`RankOne` for ``rank1`` weights)."""
+        numels, slots = layout
+        if len(slots[i]) == 1:
+            return self._dirs.param(seed, numels, slots[i][0], p.detach())
+        j, k = slots[i]
+        u = self._dirs.param(seed, numels, j, torch.empty(numels[j], dtype=p.dtype, device=p.device))
+        r = self._dirs.param(seed, numels, k, torch.empty(numels[k], dtype=p.dtype, device=p.device))
+        return RankOne(u, r)
 
     def estimate(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[list[int], Tensor, float]:
         """``(seeds, scalars, loss)``: directional derivatives along ``K`` seeded tangents (see class doc)."""
@@ -417,11 +599,11 @@ class ForwardGradient(Rule):
         scalars = torch.empty(len(seeds), dtype=torch.float64)
         loss = float("nan")
         params = trainable_parameters(model)
-        numels = [p.numel() for p in params]
+        layout = self._layout(params)
         done = False
-        if len(seeds) > 1 and len(seeds) * sum(numels) <= BATCHED_LIMIT:
+        if len(seeds) > 1 and len(seeds) * sum(p.numel() for p in params) <= BATCHED_LIMIT:
             try:  # small model: all K tangents in one vmapped forward-mode pass
-                loss, d = self._batched(model, inputs, targets, params, numels, seeds)
+                loss, d = self._batched(model, inputs, targets, params, layout, seeds)
                 scalars.copy_(d)
                 done = True
             except (RuntimeError, NotImplementedError):  # redo one at a time, which names the failing layer
@@ -429,22 +611,27 @@ class ForwardGradient(Rule):
         if not done:
             for k, s in enumerate(seeds):
                 loss, d = jvp_loss(model, inputs, targets, self.loss,
-                                   lambda i, p, s=s: self._dirs.param(s, numels, i, p.detach()))
+                                   lambda i, p, s=s: self._tangent(s, layout, i, p))
                 scalars[k] = d
         check_finite(loss, "loss")
         check_finite(scalars.sum(), "directional derivative")
         return seeds, scalars, loss
 
     def _batched(self, model: nn.Module, inputs: Tensor, targets: Tensor, params: list[nn.Parameter],
-                 numels: list[int], seeds: list[int]) -> tuple[float, Tensor]:
+                 layout: tuple[list[int], list[list[int]]], seeds: list[int]) -> tuple[float, Tensor]:
         """The same directional derivatives as the one-at-a-time pass, ``vmap``-ed over the ``K`` tangents."""
         names = {id(p): n for n, p in model.named_parameters()}
         keys = [names[id(p)] for p in params]
         primals = tuple(p.detach() for p in params)
         tangents = tuple(torch.empty((len(seeds), *p.shape), dtype=p.dtype, device=p.device) for p in params)
         for k, s in enumerate(seeds):
-            for i, a, b, z in self._dirs.pieces(s, numels, params[0].device):
-                tangents[i][k].view(-1)[a:b].copy_(z)
+            if self.tangent == "full":
+                for i, a, b, z in self._dirs.pieces(s, layout[0], params[0].device):
+                    tangents[i][k].view(-1)[a:b].copy_(z)
+            else:
+                for i, p in enumerate(params):
+                    t = self._tangent(s, layout, i, p)
+                    tangents[i][k].copy_(t.full(p) if isinstance(t, RankOne) else t)
 
         def loss_of(*ps: Tensor) -> Tensor:
             out = torch.func.functional_call(model, dict(zip(keys, ps)), (inputs,))
@@ -458,11 +645,30 @@ class ForwardGradient(Rule):
 
     def apply(self, model: nn.Module, seeds: list[int], scalars: Tensor) -> None:
         """Accumulate ``mean_k scalars[k] * v_k`` into ``.grad`` (``v_k`` regenerated from ``seeds[k]``)."""
-        accumulate_directions(trainable_parameters(model), self._dirs, list(seeds), torch.as_tensor(scalars))
+        params = trainable_parameters(model)
+        scalars = torch.as_tensor(scalars)
+        if self.tangent == "full":
+            accumulate_directions(params, self._dirs, list(seeds), scalars)
+            return
+        if len(seeds) != len(scalars):
+            raise ValueError(f"got {len(seeds)} seeds but {len(scalars)} scalars")
+        coefs = [float(c) / len(seeds) for c in scalars.detach().cpu().tolist()]
+        layout = self._layout(params)
+        for i, p in enumerate(params):
+            for seed, c in zip(seeds, coefs):
+                t = self._tangent(seed, layout, i, p)
+                if p.grad is None:  # the first term writes the buffer: no zero fill, no extra pass
+                    p.grad = (torch.outer(t.u, t.r).mul_(c).view_as(p) if isinstance(t, RankOne)
+                              else t.mul_(c))
+                elif isinstance(t, RankOne):
+                    flat_view(p.grad, f"the gradient of parameter {i}").view(t.u.numel(), -1).addr_(t.u, t.r, alpha=c)
+                else:
+                    p.grad.add_(t, alpha=c)
 
     def grads(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
         params = trainable_parameters(model)
-        if self.reuse_tangents and self.directions == 1 and params and all(p.grad is None for p in params):
+        if (self.reuse_tangents and self.tangent == "full" and self.directions == 1 and params
+                and all(p.grad is None for p in params)):
             loss = self._grads_one(model, inputs, targets, params)
         else:
             seeds, scalars, loss = self.estimate(model, inputs, targets)
