@@ -38,6 +38,7 @@ RULES: dict[str, tuple[str, dict[str, Any]]] = {
     "brsf": ("sign_symmetry", {"variant": "brsf"}),
     "frsf": ("sign_symmetry", {"variant": "frsf"}),
     "pfa": ("pfa", {}),
+    "pfa-x1": ("pfa", {"expand_ratio": 1}),  # timing only: the feedback population as wide as the layer
 }
 #: SGD learning rate per rule. BioTorch tunes it per method (its CIFAR-10 LeNet configs: BP and sign symmetry
 #: 0.1, FA 1e-3, DFA 1e-4). Here 0.01, except: DFA diverged with 0.01 (non-finite loss within 450 steps) and

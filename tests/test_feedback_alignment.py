@@ -16,6 +16,7 @@ from forwardlearn.rules.feedback_alignment import (
     FeedbackConv2d,
     FeedbackConv2dFn,
     FeedbackLinear,
+    FeedbackLinearFn,
     dfa_feedback,
     effective_feedback,
     feedback_active,
@@ -235,6 +236,47 @@ def test_pfa_conv_matches_definition():
     want_gx, want_gr = torch.autograd.grad(F.conv2d(x2, r2, padding=1), (x2, r2), g_mid)
     torch.testing.assert_close(gx, want_gx)
     torch.testing.assert_close(gr, want_gr)
+
+
+@pytest.mark.parametrize("premultiply", [True, False])
+@pytest.mark.parametrize("need_w", [True, False])
+def test_pfa_both_orders_of_the_feedback_products_agree(monkeypatch, premultiply, need_w):
+    # dx = (g B) R or g (B R); dR = (g B)^T x or B^T (g^T x): the same numbers (float64, to rounding),
+    # whichever order the cost model picks, for Linear and Conv2d, with the weight frozen or not
+    import forwardlearn.rules.feedback_alignment as fa_mod
+
+    torch.manual_seed(0)
+    lin = (torch.randn(5, 6, dtype=torch.float64, requires_grad=True), torch.randn(4, 6, dtype=torch.float64),
+           torch.randn(12, 6, dtype=torch.float64), torch.randn(4, 12, dtype=torch.float64))
+    conv = (torch.randn(2, 3, 6, 6, dtype=torch.float64, requires_grad=True),
+            torch.randn(4, 3, 3, 3, dtype=torch.float64), torch.randn(8, 3, 3, 3, dtype=torch.float64),
+            torch.randn(4, 8, dtype=torch.float64))
+    results = {}
+    for choice in (premultiply, not premultiply):
+        monkeypatch.setattr(fa_mod, "_premultiply", lambda *a, c=choice: c)
+        got = []
+        for kind, (x, w, r, b) in (("linear", lin), ("conv", conv)):
+            w = w.clone().requires_grad_(need_w)
+            r = r.clone().requires_grad_(True)
+            if kind == "linear":
+                out = FeedbackLinearFn.apply(x, w, None, r, b)
+            else:
+                out = FeedbackConv2dFn.apply(x, w, None, r, b, (1, 1), (1, 1), (1, 1), 1)
+            g = torch.randn_like(out, generator=torch.Generator().manual_seed(3))
+            grads = torch.autograd.grad(out, [x, w, r] if need_w else [x, r], g)
+            got.extend(grads)
+        results[choice] = got
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+def test_pfa_premultiplies_where_it_is_cheaper():
+    from forwardlearn.rules.feedback_alignment import _premultiply
+
+    # LeNet's second convolution at batch 64: 64 x 14 x 14 rows, 16 channels, expand 10, 6 x 5 x 5 inputs
+    assert _premultiply(64 * 14 * 14, 16, 160, 150, True)
+    # a 1000-unit layer on a batch of 8: B R would cost more than the whole batch
+    assert not _premultiply(8, 1000, 10000, 1000, True)
 
 
 def test_dfa_matches_definition_and_is_layer_local():

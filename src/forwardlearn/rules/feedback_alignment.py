@@ -57,11 +57,25 @@ _MODES = ("fa", "usf", "brsf", "frsf", "pfa")
 
 
 # --- the shared autograd Functions ------------------------------------------------------------------
+def _premultiply(rows: int, n_out: int, n_mid: int, n_in: int, need_fb: bool) -> bool:
+    """PFA: is ``dx = g (B R)``, ``dR = B^T dW`` cheaper than ``dx = (g B) R``, ``dR = (g B)^T x``?
+
+    Both orders give the same numbers (associativity; ``dW = g^T x``). Per step, the first costs
+    ``n_out n_mid n_in`` (+ as much again for ``dR``) plus ``rows n_out n_in``, independent of the
+    ``expand_ratio`` in its batch term; the second ``rows n_mid (n_out + n_in (1 + need_fb))``. Convolutions
+    (``rows`` = batch x positions) and large batches favour the first, narrow batches of wide layers the second.
+    """
+    pre = n_out * n_mid * n_in * (1 + need_fb) + rows * n_out * n_in
+    direct = rows * n_mid * (n_out + n_in * (1 + need_fb))
+    return pre < direct
+
+
 class FeedbackLinearFn(torch.autograd.Function):
     """``y = x W^T + b``; backward: ``dW = g^T x``, ``db = sum g``, ``dx = g_mid F``.
 
     ``g_mid = g`` when ``mid`` is ``None`` (``F`` has the shape of ``W``), else ``g_mid = g B`` with
-    ``B = mid`` (PFA, ``F = R``); then ``dR = g_mid^T x`` (Li & Benna 2024: the learning rule of R).
+    ``B = mid`` (PFA, ``F = R``); then ``dR = g_mid^T x`` (Li & Benna 2024: the learning rule of R),
+    computed as ``dx = g (B R)`` and ``dR = B^T dW`` when that is cheaper (:func:`_premultiply`).
     """
 
     @staticmethod
@@ -81,15 +95,25 @@ class FeedbackLinearFn(torch.autograd.Function):
         if x.dtype != g.dtype:  # mixed precision
             x, fb = x.to(g.dtype), fb.to(g.dtype)
             mid = mid.to(g.dtype) if mid is not None else None
-        g_mid = g if mid is None else g.mm(mid)
-        gx = gfb = None
-        if need_x:
-            gx = g_mid.mm(fb)
-            if len(shape) != 2:
-                gx = gx.reshape(*shape[:-1], fb.shape[-1])
-            if need_fb:  # PFA: R carries feedback only when the layer sends a signal to the layer below
-                gfb = g_mid.t().mm(x)
-        gw = g.t().mm(x) if need_w else None
+        gx = gfb = gw = None
+        if mid is not None and need_x and _premultiply(g.shape[0], mid.shape[0], mid.shape[1], fb.shape[1],
+                                                       need_fb):
+            gx = g.mm(mid.mm(fb))
+            if need_fb or need_w:
+                gw = g.t().mm(x)
+            if need_fb:
+                gfb = mid.t().mm(gw)
+            if not need_w:
+                gw = None
+        else:
+            g_mid = g if mid is None else g.mm(mid)
+            if need_x:
+                gx = g_mid.mm(fb)
+                if need_fb:  # PFA: R carries feedback only when the layer sends a signal to the layer below
+                    gfb = g_mid.t().mm(x)
+            gw = g.t().mm(x) if need_w else None
+        if gx is not None and len(shape) != 2:
+            gx = gx.reshape(*shape[:-1], fb.shape[-1])
         gb = g.sum(0) if need_b else None
         return gx, gw, gb, gfb, None
 
@@ -125,9 +149,25 @@ class FeedbackConv2dFn(torch.autograd.Function):
                              groups, [False, need_w, need_b and ctx.has_bias])
         gx = gfb = None
         if need_x:
-            g_mid = torch.einsum("nohw,om->nmhw", g, mid.to(g.dtype))
-            gx, gfb, _ = conv_bwd(g_mid, x, fb.to(g.dtype), None, stride, padding, dilation, False, [0, 0],
-                                  groups, [True, need_fb, False])
+            mid = mid.to(g.dtype)
+            n_out, n_mid = mid.shape
+            rows = g.numel() // n_out  # batch x output positions
+            if _premultiply(rows, n_out, n_mid, fb[0].numel(), need_fb):
+                # dx through the kernel B R, dR = B^T dW: no pass at the n_mid channels at all
+                kernel = mid.mm(fb.to(g.dtype).reshape(n_mid, -1)).view(n_out, *fb.shape[1:])
+                if need_fb and gw is None:
+                    _, gw_all, _ = conv_bwd(g, x, weight.to(g.dtype), None, stride, padding, dilation, False,
+                                            [0, 0], groups, [False, True, False])
+                else:
+                    gw_all = gw
+                gx, _, _ = conv_bwd(g, x, kernel, None, stride, padding, dilation, False, [0, 0], groups,
+                                    [True, False, False])
+                if need_fb:
+                    gfb = mid.t().mm(gw_all.reshape(n_out, -1)).view_as(fb)
+            else:
+                g_mid = torch.einsum("nohw,om->nmhw", g, mid)
+                gx, gfb, _ = conv_bwd(g_mid, x, fb.to(g.dtype), None, stride, padding, dilation, False, [0, 0],
+                                      groups, [True, need_fb, False])
         return gx, gw, gb, gfb, None, None, None, None, None
 
 
