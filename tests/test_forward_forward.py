@@ -208,6 +208,58 @@ def test_activities_normalise_between_layers() -> None:
     assert torch.allclose(rule.activities(model, x, y)[1], a1, atol=1e-5)
 
 
+def test_normalize_input_length_normalises_the_first_layer_input() -> None:
+    torch.manual_seed(2)
+    model = fl.models.mlp(64, [16, 12], 10)
+    x, y = _batch(4)
+    a0, a1 = fl.get_rule("ff", normalize_input=True).activities(model, x, y)
+    assert torch.allclose(a0, model[2](model[1](length_normalize(embed_label(x, y, 10, "overwrite")))))
+    assert torch.allclose(a1, model[4](model[3](length_normalize(a0))))
+    raw = fl.get_rule("ff").activities(model, x, y)[0]
+    assert not torch.allclose(raw, a0)  # the default still feeds the raw input
+
+
+def test_peer_normalization_adds_the_matlab_gradient_and_nothing_to_the_loss() -> None:
+    """Hand-check against the analytic term: on positive rows, d/d(pre-activation_j) = 2 lambda (m_j - mean m) / n."""
+    torch.manual_seed(0)
+    model = fl.models.mlp(64, [16, 12], 10)
+    with torch.no_grad():
+        model[1].bias[3] = -100.0  # unit 3 of layer 0 is off on every input: only the peer term reaches it
+    x, y = _batch(20)
+    lam, beta = 0.05, 0.8
+    plain = fl.get_rule("ff", seed=4)
+    peer = fl.get_rule("ff", seed=4, peer_normalization=lam, peer_momentum=beta)
+    l_plain = plain.grads(model, x, y)
+    g_plain = _grads(model)
+    model.zero_grad(set_to_none=True)
+    l_peer = peer.grads(model, x, y)
+    g_peer = _grads(model)
+    assert l_peer == pytest.approx(l_plain, rel=1e-6)  # the term's value is zero
+    assert len(peer.peer_means) == 2
+    h = embed_label(x, y, 10, "overwrite")
+    for k, lin in enumerate([model[1], model[3]]):
+        with torch.no_grad():
+            post = model[2 * k + 2](lin(h))
+        m = beta * 0.5 + (1 - beta) * post.mean(0)  # the running mean starts at 0.5
+        assert torch.allclose(peer.peer_means[k], m, atol=1e-6)
+        c = m - m.mean()
+        want_b = 2 * lam * c  # summed over the n positive rows, each 2 lam c / n
+        want_w = 2 * lam * c[:, None] * h.mean(0)[None, :]
+        assert torch.allclose(g_peer[f"{2 * k + 1}.bias"] - g_plain[f"{2 * k + 1}.bias"], want_b, atol=1e-5)
+        assert torch.allclose(g_peer[f"{2 * k + 1}.weight"] - g_plain[f"{2 * k + 1}.weight"], want_w, atol=1e-5)
+        h = length_normalize(post)
+    assert g_plain["1.bias"][3] == 0 and g_peer["1.bias"][3] != 0  # not gated by the ReLU: a dead unit revives
+    # the running means travel with the rule's state, through a weights_only round trip
+    buf = io.BytesIO()
+    torch.save(peer.state_dict(), buf)
+    buf.seek(0)
+    again = fl.get_rule("ff", peer_normalization=lam, peer_momentum=beta)
+    again.load_state_dict(torch.load(buf, weights_only=True))
+    assert all(torch.equal(a, b) for a, b in zip(again.peer_means, peer.peer_means))
+    with pytest.raises(ValueError, match="shape"):  # means of another model are refused, not broadcast
+        again.grads(fl.models.mlp(64, [8, 12], 10), x, y)
+
+
 def test_label_mode_auto_concatenates_when_the_first_layer_has_room() -> None:
     model = fl.models.mlp(64 + 10, [16, 16], 10)
     rule = fl.get_rule("ff")
@@ -253,6 +305,12 @@ def test_readout_is_trained_on_detached_activities_and_predicts() -> None:
         ({"readout": "yes"}, "yes"),
         ({"predict_by": "votes"}, "votes"),
         ({"predict_by": "readout"}, "readout=True"),
+        ({"normalize_input": 1}, "normalize_input"),
+        ({"peer_normalization": -0.1}, "-0.1"),
+        ({"peer_normalization": float("nan")}, "nan"),
+        ({"peer_normalization": True}, "True"),
+        ({"peer_momentum": 1.0}, "peer_momentum"),
+        ({"peer_momentum": -0.5}, "-0.5"),
     ],
 )
 def test_bad_options_raise_value_error_naming_the_value(opts: dict, match: str) -> None:

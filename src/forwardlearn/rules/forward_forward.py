@@ -201,6 +201,17 @@ class ForwardForward(Rule):
             ``"readout"`` (one neutral-label pass through the read-out; needs ``readout=True``).
         skip_first: leave the first hidden layer out of the goodness sum at prediction (and out of the
             read-out), as the paper does; ignored for one-hidden-layer nets.
+        normalize_input: length-normalise (root-mean-square) the label-carrying input of the first layer
+            too, as Hinton's released Matlab code for section 3.3 does (``ffnormrows`` of the data);
+            ``False`` (default) feeds the raw input.
+        peer_normalization: strength ``lambda`` of peer normalisation (Hinton 2022, section 3.3 and his
+            Matlab code, ``lambdamean = 0.03``), a regulariser against dead and "hysterical" units:
+            a running mean ``m_j`` of every unit's activity on positive data is kept, and each unit's
+            pre-activation on positive data is pushed towards the layer's average, with gradient
+            ``2 * lambda * (m_j - mean(m)) / N`` per example (not gated by the ReLU, so units that are
+            always off revive). The factor 2 keeps the Matlab code's ratio to the goodness gradient, our
+            loss being twice its goodness gradient. The term adds zero to the reported loss. ``0``: off.
+        peer_momentum: decay of the running mean ``m`` per step, in ``[0, 1)`` (the Matlab code's 0.9).
         loss, seed: see :class:`~forwardlearn.rules.base.Rule`. ``loss`` is used only by the read-out.
 
     ``local_loss_hook`` (attribute, default ``None``): ``hook(k, loss_k) -> loss_k`` applied to layer
@@ -233,6 +244,9 @@ class ForwardForward(Rule):
         readout: bool = False,
         predict_by: str = "goodness",
         skip_first: bool = True,
+        normalize_input: bool = False,
+        peer_normalization: float = 0.0,
+        peer_momentum: float = 0.9,
         loss: LossFn | None = None,
         seed: int | None = None,
     ) -> None:
@@ -251,9 +265,15 @@ class ForwardForward(Rule):
             raise ValueError(f"predict_by must be 'goodness' or 'readout', got {predict_by!r}")
         if predict_by == "readout" and not readout:
             raise ValueError("predict_by='readout' needs readout=True")
-        for key, val in (("minus", minus), ("readout", readout), ("skip_first", skip_first)):
+        for key, val in (("minus", minus), ("readout", readout), ("skip_first", skip_first),
+                         ("normalize_input", normalize_input)):
             if not isinstance(val, bool):
                 raise ValueError(f"{key} must be True or False, got {val!r}")
+        if (isinstance(peer_normalization, bool) or not isinstance(peer_normalization, (int, float))
+                or not 0 <= peer_normalization < float("inf")):
+            raise ValueError(f"peer_normalization must be a finite number >= 0, got {peer_normalization!r}")
+        if isinstance(peer_momentum, bool) or not isinstance(peer_momentum, (int, float)) or not 0 <= peer_momentum < 1:
+            raise ValueError(f"peer_momentum must be a number in [0, 1), got {peer_momentum!r}")
         self.threshold = float(threshold)
         self.minus = minus
         self.temperature = float(temperature)
@@ -263,6 +283,11 @@ class ForwardForward(Rule):
         self.readout = readout
         self.predict_by = predict_by
         self.skip_first = skip_first
+        self.normalize_input = normalize_input
+        self.peer_normalization = float(peer_normalization)
+        self.peer_momentum = float(peer_momentum)
+        #: running mean activity of every unit on positive data, per layer (peer normalisation)
+        self.peer_means: list[Tensor] = []
         self.local_loss_hook: LocalLossHook | None = None
         self._walk: tuple[Any, tuple[list[nn.Module], int], nn.Module] | None = None
 
@@ -293,8 +318,10 @@ class ForwardForward(Rule):
         return head
 
     def embed(self, model: nn.Module, x: Tensor, labels: Tensor | None, classes: int) -> Tensor:
-        """The first layer's input: ``x`` with ``labels`` (``None``: neutral) written in."""
-        return embed_label(x, labels, classes, self._label_mode(model, x, classes), self.label_scale)
+        """The first layer's input: ``x`` with ``labels`` (``None``: neutral) written in, length-normalised
+        when ``normalize_input``."""
+        h = embed_label(x, labels, classes, self._label_mode(model, x, classes), self.label_scale)
+        return length_normalize(h) if self.normalize_input else h
 
     def normalize(self, h: Tensor) -> Tensor:
         """What a layer passes on: its activity, length-normalised and detached (no gradient crosses)."""
@@ -383,6 +410,33 @@ class ForwardForward(Rule):
         zs = [positive_logits(h, self.layer_threshold(h), self.minus, self.temperature) for h in hs]
         return collaborative_logits(zs) if self.objective == "collaborative" else zs
 
+    def _peer_term(self, k: int, pre: Tensor, post: Tensor, n: int) -> Tensor:
+        """Peer normalisation of layer ``k`` (see the class docstring): updates the running means from the
+        positive rows ``post[:n]`` and returns a term of value zero whose gradient w.r.t. the positive
+        pre-activations ``pre[:n]`` is ``2 * lambda * (m - mean(m)) / n``."""
+        mean_now = post[:n].detach().float().mean(0)
+        while len(self.peer_means) <= k:
+            self.peer_means.append(torch.full_like(mean_now, 0.5))  # the Matlab code's starting value
+        m = self.peer_means[k].to(mean_now.device)
+        if m.shape != mean_now.shape:
+            raise ValueError(f"peer normalisation: layer {k} has shape {tuple(mean_now.shape)}, "
+                             f"its running mean {tuple(m.shape)} (a different model?)")
+        m = self.peer_momentum * m + (1 - self.peer_momentum) * mean_now
+        self.peer_means[k] = m
+        centred = (m - m.mean()).to(pre.dtype)
+        a = pre[:n]
+        return 2 * self.peer_normalization * ((a - a.detach()) * centred).flatten(1).sum(1).mean()
+
+    @staticmethod
+    def _pre_and_post(block: nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+        """``(pre-activation, activity)`` of a block ``Sequential(Linear, activation, ...)``; for any other
+        block both are its output."""
+        if isinstance(block, nn.Sequential) and len(block) > 1:
+            pre = block[0](x)
+            return pre, block[1:](pre)
+        out = block(x)
+        return out, out
+
     # --- the contract ---------------------------------------------------------------------------
     def grads(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
         """Accumulate every layer's local-loss gradient; return the summed local losses (plus the read-out's)."""
@@ -398,15 +452,23 @@ class ForwardForward(Rule):
         neg = self.negative_labels(model, inputs, targets, scores)
         # positive and negative data in one batch: rows [:n] carry the true label, rows [n:] a wrong one
         h = self.embed(model, torch.cat([inputs, inputs]), torch.cat([targets, neg]), classes)
-        hs = []
+        hs, pres = [], []
+        peer = self.peer_normalization > 0
         for i, block in enumerate(blocks):
-            h = block(self.normalize(h) if i else h.detach())
+            x_i = self.normalize(h) if i else h.detach()
+            if peer:
+                pre, h = self._pre_and_post(block, x_i)
+                pres.append(pre)
+            else:
+                h = block(x_i)
             hs.append(h)
         # ff_layer_loss(z[:n], z[n:]) for all rows at once: softplus(-z) on positives, softplus(z) on negatives
         sign = torch.ones(2, n, device=inputs.device)
         sign[0] = -1.0
         for k, z in enumerate(self._logits(hs)):
             lk = F.softplus(z.view(2, n) * sign).mean(1).sum()
+            if peer:
+                lk = lk + self._peer_term(k, pres[k], hs[k], n)
             if self.local_loss_hook is not None:
                 lk = self.local_loss_hook(k, lk)
             total = total + lk
@@ -414,6 +476,15 @@ class ForwardForward(Rule):
         total.backward()  # every layer's input is detached: each loss reaches only its own layer
         self.steps += 1
         return value
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["peer_means"] = [m.detach().cpu().clone() for m in self.peer_means]
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        super().load_state_dict(state)
+        self.peer_means = [m.clone() for m in state.get("peer_means", [])]
 
     def predict(self, model: nn.Module, inputs: Tensor) -> Tensor:
         if self.predict_by == "readout":
@@ -456,9 +527,13 @@ class CollaborativeForwardForward(ForwardForward):
         readout: bool = False,
         predict_by: str = "goodness",
         skip_first: bool = False,
+        normalize_input: bool = False,
+        peer_normalization: float = 0.0,
+        peer_momentum: float = 0.9,
         loss: LossFn | None = None,
         seed: int | None = None,
     ) -> None:
         super().__init__(threshold=threshold, minus=minus, temperature=temperature, negatives=negatives,
                          label_mode=label_mode, label_scale=label_scale, readout=readout, predict_by=predict_by,
-                         skip_first=skip_first, loss=loss, seed=seed)
+                         skip_first=skip_first, normalize_input=normalize_input,
+                         peer_normalization=peer_normalization, peer_momentum=peer_momentum, loss=loss, seed=seed)
