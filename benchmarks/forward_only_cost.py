@@ -12,7 +12,8 @@ count, above that child's own baseline. Ratios:
 
 - ``zo_spsa`` fused step (K=1, central) / forward; also the floor ``2 forwards + 3 parameter sweeps``
   (an in-place scalar add over every weight: memory bandwidth only) and the random-number cost;
-- each rule's ``grads`` + SGD step / backprop's ``backward`` + SGD step;
+- each rule's ``grads`` + SGD step / backprop's ``backward`` + SGD step; the forward-mode pass alone
+  (tangents given, no ``.grad`` written) / backprop step, the floor of a weight-perturbed forward gradient;
 - peak memory: ``zo_spsa`` fused step / inference, every rule / backprop.
 """
 
@@ -29,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import forwardlearn as fl
-from forwardlearn.rules.forward_gradient import CHUNK, Directions
+from forwardlearn.rules.forward_gradient import CHUNK, Directions, jvp_loss
 
 RULES: dict[str, dict[str, Any]] = {
     "forward_gradient": {"directions": 1},
@@ -157,7 +158,12 @@ def main() -> None:
 
         return step
 
-    steps = {"backprop_step": step_fn(fl.get_rule("backprop", seed=0), model)}
+    tangents = [torch.randn_like(p) for p in params]
+
+    def jvp_only() -> None:  # the forward-mode pass alone, tangents already made (no drawing, no .grad)
+        jvp_loss(model, x, y, F.cross_entropy, lambda i, p: tangents[i])
+
+    steps = {"backprop_step": step_fn(fl.get_rule("backprop", seed=0), model), "jvp_only": jvp_only}
     for name, opts in RULES.items():
         r = fl.get_rule(name.split("+")[0], seed=0, **opts)
         steps[f"{name}_step"] = step_fn(r, r.attach(build(widths)))
@@ -175,6 +181,7 @@ def main() -> None:
         "plain sweep / forward": t["sweep"] / fwd,
         "backprop step / forward": t["backprop_step"] / fwd,
     }
+    res["ratios"]["forward-mode pass alone (tangents given) / backprop step"] = t["jvp_only"] / t["backprop_step"]
     for name in RULES:
         res["ratios"][f"{name} step / backprop step"] = t[f"{name}_step"] / t["backprop_step"]
     if not args.no_memory:

@@ -72,6 +72,24 @@ def test_directions_regenerate_bit_identically_and_chunkwise(dist):
     assert torch.equal(halves[1], 0.5 * whole[1])
 
 
+@pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
+def test_add_terms_is_decay_then_each_direction_in_turn(dist):
+    """The one-sweep update of the fused step equals decaying and then adding each direction with add_
+    (the same float operations in the same order per element: bit-identical)."""
+    d = Directions(dist)
+    numels = [7, CHUNK + 11, 3, 2 * CHUNK - 5]  # parameters straddling chunk boundaries
+    g = torch.Generator().manual_seed(0)
+    start = [torch.randn(n, generator=g, dtype=torch.float64) for n in numels]
+    terms = [(11, 0.5), (12, -0.25), (13, 2.0)]
+    fused = [t.clone() for t in start]
+    d.add_terms_(fused, terms, decay=0.9)
+    expect = [t.clone().mul_(0.9) for t in start]
+    for seed, alpha in terms:
+        d.add_(expect, seed, alpha)
+    for a, b in zip(fused, expect):
+        assert torch.equal(a, b)
+
+
 def test_rademacher_signs_are_fair_at_every_bit_position():
     z = Directions("rademacher").chunk(7, 0, CHUNK, torch.device("cpu"))
     assert set(z.unique().tolist()) == {-1.0, 1.0}

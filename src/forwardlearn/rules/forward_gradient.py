@@ -133,6 +133,43 @@ class Directions:
                 else:
                     break
 
+    def add_terms_(self, flats: list[Tensor], terms: list[tuple[int, float]], decay: float = 1.0) -> None:
+        """``flats[i] <- decay * flats[i] + sum_k alpha_k z_k`` in place for ``terms = [(seed_k, alpha_k)]``.
+
+        One sweep over the parameters: for every chunk, each direction's piece is made in turn in a single
+        shared buffer and added at once, so the temporary memory is one chunk whatever ``len(terms)``."""
+        if not flats:
+            return
+        offsets = [0]
+        for f in flats:
+            offsets.append(offsets[-1] + f.numel())
+        total = offsets[-1]
+        device = flats[0].device
+        buf = torch.empty(_BITS * -(-min(CHUNK, total) // _BITS), device=device)
+        gen = torch.Generator(device=device)
+        i0 = 0
+        for j in range(-(-total // CHUNK)):
+            c0 = j * CHUNK
+            m = min(CHUNK, total - c0)
+            c1 = c0 + m
+            while offsets[i0 + 1] <= c0:
+                i0 += 1
+            slices = []
+            i = i0
+            while i < len(flats) and offsets[i] < c1:
+                a, b = max(offsets[i], c0), min(offsets[i + 1], c1)
+                if b > a:
+                    slices.append((flats[i][a - offsets[i] : b - offsets[i]], a - c0, b - c0))
+                i += 1
+            if decay != 1.0:
+                for f, _, _ in slices:
+                    f.mul_(decay)
+            for seed, alpha in terms:
+                z = self.chunk(seed, j, m, device, out=buf, generator=gen)
+                for f, a, b in slices:
+                    piece = z[a:b]
+                    f.add_(piece if piece.dtype == f.dtype else piece.to(f.dtype), alpha=alpha)
+
     def param(self, seed: int, numels: list[int], i: int, like: Tensor) -> Tensor:
         """The slice of direction ``seed`` on parameter ``i`` as a tensor shaped like ``like``."""
         out = torch.empty(like.numel(), dtype=like.dtype, device=like.device)

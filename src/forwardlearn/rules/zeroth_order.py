@@ -194,18 +194,7 @@ class ZerothOrderSPSA(Rule):
                 terms[-1] = (ps, terms[-1][1] + pa * decay)
             else:
                 terms.append((ps, pa * decay))
-        flats = self._flats(model)
-        if not flats:
-            return
-        numels = [f.numel() for f in flats]
-        gens = [self._dirs.pieces(s, numels, flats[0].device) for s, _ in terms]
-        for parts in zip(*gens):  # the same (parameter, slice) in every direction
-            i, a, b = parts[0][:3]
-            chunk = flats[i][a:b]
-            if decay != 1.0:
-                chunk.mul_(decay)
-            for (_, _, _, z), (_, c) in zip(parts, terms):
-                chunk.add_(z if z.dtype == chunk.dtype else z.to(chunk.dtype), alpha=c)
+        self._dirs.add_terms_(self._flats(model), terms, decay)
 
     # --- the seed-and-scalar API ---------------------------------------------------------------------
     def estimate(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[list[int], Tensor, float]:
