@@ -35,6 +35,7 @@ import argparse
 import json
 import math
 import platform
+import statistics
 import sys
 import time
 from collections.abc import Callable
@@ -198,7 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         "stopped_by_time_budget": stopped,
         "final_goodness_test_error": good[-1]["goodness_test_error"] if good else None,
         "final_readout_test_error": hist[-1]["readout_test_error"] if hist else None,
-        "train_seconds_per_epoch": sum(r["seconds"] for r in hist) / max(len(hist), 1),
+        # medians: robust to epochs stretched by a pause (wall clock) on a shared machine
+        "train_seconds_per_epoch": statistics.median(r["seconds"] for r in hist) if hist else None,
+        "train_cpu_seconds_per_epoch": (statistics.median(r["cpu_seconds"] for r in hist)
+                                        if hist and all("cpu_seconds" in r for r in hist) else None),
         "wall_minutes": (time.perf_counter() - t0) / 60,
         "paper_test_error": 0.0136,
         "machine": platform.platform(),

@@ -283,3 +283,24 @@ def test_quick_suite_finishes_in_ten_minutes(tmp_path):
     assert all(r["status"] == "done" for r in res["runs"])
     assert (tmp_path / "r" / "accuracy-quick-digits.png").stat().st_size > 0
     assert acc_mod.load_suite("quick")["runs"]
+
+
+def test_time_to_accuracy_counts_cpu_time_so_pauses_do_not_stretch_it():
+    from forwardlearn.bench.report import epoch_seconds
+
+    paused = {"history": [{"seconds": 1000.0, "cpu_seconds": 10.0}, {"seconds": 12.0, "cpu_seconds": 11.0}]}
+    label, secs = epoch_seconds([paused], threads=1)
+    assert "CPU" in label and [secs(e) for e in paused["history"]] == [10.0, 11.0]
+    label, secs = epoch_seconds([paused], threads=2)
+    assert "2 threads" in label and secs(paused["history"][0]) == 5.0
+    old = {"history": [{"seconds": 3.0}]}  # results written before CPU time was recorded
+    label, secs = epoch_seconds([paused, old], threads=1)
+    assert "wall clock" in label and secs(paused["history"][0]) == 1000.0
+
+
+def test_trainer_records_cpu_time_per_epoch():
+    X, y = torch.randn(64, 4), torch.randint(0, 3, (64,))
+    model = fl.models.mlp(4, [8], 3)
+    hist = fl.train(model, fl.get_rule("backprop"), train=(X, y), epochs=2, batch_size=16, progress=False)
+    for e in hist.epochs:
+        assert 0 < e["cpu_seconds"] and 0 < e["seconds"]

@@ -278,7 +278,7 @@ def run_suite(suite: dict[str, Any], results: Path, work: Path, *, device: str =
     def save() -> None:
         for d in sorted({r["spec"]["data"] for r in out["runs"] if r.get("history")}):
             out["plots"][d] = f"accuracy-{suite['name']}-{d}.png"
-            plot_time_to_accuracy(out["runs"], d, results / out["plots"][d])
+            plot_time_to_accuracy(out["runs"], d, results / out["plots"][d], threads)
         write_json(out, json_path)
         (results / f"accuracy-{suite['name']}.md").write_text(accuracy_markdown(out))
 

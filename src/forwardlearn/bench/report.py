@@ -248,19 +248,29 @@ def accuracy_markdown(result: dict[str, Any], images: bool = True, image_prefix:
     out = [f"Command: `{meta.get('command', '?')}`  ", f"Hardware: {hardware(meta)}", ""]
     runs = result["runs"]
     for data in sorted({r["spec"]["data"] for r in runs}):
+        mine = [r for r in runs if r["spec"]["data"] == data]
+        xlabel, epoch_s = epoch_seconds(mine, meta.get("threads"))
         out += [f"#### {data}", "",
-                "| run | rule | setup | final test acc | best test acc | epochs done | training s | s / epoch |",
-                "|---|---|---|---:|---:|---:|---:|---:|"]
-        for r in runs:
-            if r["spec"]["data"] != data:
-                continue
+                f"Epoch time: {xlabel} per epoch, as a ratio to the backprop run on the same data (the one with "
+                "the same model and widths where there is one).", "",
+                "| run | rule | setup | final test acc | best test acc | epochs done | epoch time x backprop |",
+                "|---|---|---|---:|---:|---:|---:|"]
+
+        def per_epoch(r: dict[str, Any], epoch_s: Any = epoch_s) -> float | None:
             h = r.get("history") or []
-            secs = sum(e["seconds"] for e in h)
+            return sum(epoch_s(e) for e in h) / len(h) if h else None
+
+        bps = [r for r in mine if r["spec"]["rule"] == "backprop" and per_epoch(r)]
+        for r in mine:
+            h = r.get("history") or []
+            same = [b for b in bps if (b["spec"]["model"], b["spec"].get("hidden")) ==
+                    (r["spec"]["model"], r["spec"].get("hidden"))]
+            bp = (same or bps or [None])[0]
+            ratio = None if bp is None or per_epoch(r) is None else per_epoch(r) / per_epoch(bp)
             status = "" if r.get("status") == "done" else (
                 f" ({r.get('status')}" + (f": {r['error']}" if r.get("error") else "") + ")")
             out.append(f"| {r['spec']['id']}{status} | {r['spec']['rule']} | {_setup(r)} | {_pct(r.get('final'))} | "
-                       f"{_pct(r.get('best'))} | {len(h)}/{r['spec']['epochs']} | {secs:.0f} | "
-                       f"{_f(secs / len(h) if h else None, '.1f')} |")
+                       f"{_pct(r.get('best'))} | {len(h)}/{r['spec']['epochs']} | {_f(ratio, '.2f')} |")
         png = (result.get("plots") or {}).get(data)
         if images and png:
             out += ["", f"![time to accuracy on {data}]({image_prefix}{png})"]
@@ -292,27 +302,39 @@ def reproduction_markdown(runs: list[dict[str, Any]]) -> list[str]:
     return out
 
 
-def plot_time_to_accuracy(runs: list[dict[str, Any]], data: str, path: Path) -> None:
-    """Test accuracy against cumulative training seconds (evaluation excluded), one line per run."""
+def epoch_seconds(runs: list[dict[str, Any]], threads: int | None) -> tuple[str, Any]:
+    """How the time-to-accuracy axis counts an epoch: CPU seconds / threads when every epoch of ``runs``
+    recorded its CPU time (so a paused process or a busy machine does not stretch it), else wall-clock.
+    Returns ``(axis label, epoch -> seconds)``."""
+    n = max(int(threads or 1), 1)
+    if runs and all("cpu_seconds" in e for r in runs for e in (r.get("history") or [])):
+        what = "CPU seconds" if n == 1 else f"CPU seconds / {n} threads"
+        return f"training time ({what}, evaluation excluded)", lambda e: e["cpu_seconds"] / n
+    return "training seconds (wall clock, evaluation excluded)", lambda e: e["seconds"]
+
+
+def plot_time_to_accuracy(runs: list[dict[str, Any]], data: str, path: Path, threads: int | None = 1) -> None:
+    """Test accuracy against cumulative training time (evaluation excluded, see :func:`epoch_seconds`)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     mine = [r for r in runs if r["spec"]["data"] == data and r.get("history")]
+    xlabel, secs = epoch_seconds(mine, threads)
     rules = [r["spec"]["rule"] for r in mine]
     fig, ax = plt.subplots(figsize=(11, 6))
     colors = plt.get_cmap("tab20").colors
     for i, r in enumerate(mine):
         t, acc, total = [], [], 0.0
         for e in r["history"]:
-            total += e["seconds"]
+            total += secs(e)
             t.append(total)
             acc.append(e.get("test_acc"))
         label = r["spec"]["rule"] if rules.count(r["spec"]["rule"]) == 1 else r["spec"]["id"]
         style = "--" if r["spec"]["rule"] == "backprop" else ("-" if i % 2 == 0 else "-.")
         ax.plot(t, acc, style, marker=".", color=colors[i % len(colors)], label=label)
-    ax.set(xlabel="training seconds (wall clock, evaluation excluded)", ylabel="test accuracy",
+    ax.set(xlabel=xlabel, ylabel="test accuracy",
            title=f"{data}: time to accuracy")
     ax.set_xscale("log")
     ax.grid(alpha=0.3)
@@ -343,7 +365,7 @@ def regenerate(results: Path, readme: Path | None = None) -> list[Path]:
     prefix = ""
     if readme is not None:
         prefix = os.path.relpath(results.resolve(), Path(readme).resolve().parent).replace(os.sep, "/") + "/"
-    cost_files = sorted(results.glob("cost*.json"))
+    cost_files = sorted(results.glob("cost*.json"), key=lambda p: (p.stem != "cost", p.name))  # cost.json first
     for path in cost_files:
         res = json.loads(path.read_text())
         if res.get("sweep") and res.get("sweep_png"):
@@ -356,7 +378,7 @@ def regenerate(results: Path, readme: Path | None = None) -> list[Path]:
     for path in sorted(results.glob("accuracy-*.json")):
         res = json.loads(path.read_text())
         for data, png in (res.get("plots") or {}).items():
-            plot_time_to_accuracy(res["runs"], data, results / png)
+            plot_time_to_accuracy(res["runs"], data, results / png, (res.get("meta") or {}).get("threads"))
             written.append(results / png)
         md = path.with_suffix(".md")
         md.write_text(accuracy_markdown(res))

@@ -13,9 +13,12 @@ detached, layer-normalised output of the unit below, so no gradient crosses a un
 
       L = log(1 + sum_{c != y} exp(g_c - g_y + m))  =  cross_entropy(g + m * (1 - onehot(y)), y)
 
-  (with ``m = 0`` the plain cross-entropy of the goodness). The paper describes its objective as a
-  log-sum-exp margin loss over the class goodnesses; this is that loss written out, with the margin
-  as an option.
+  (with ``m = 0`` the plain cross-entropy of the goodness, i.e. the log-sum-exp over the class goodnesses
+  against the true class's). The author's own summary (krutsylo.neocities.org/sff.html) confirms the
+  per-class goodness (mean squared activation of one auxiliary channel per class, 1x1 or slightly larger
+  kernel), the true class as the positive and every other class as a negative, layer-normalised and
+  detached block outputs, and the averaged vote; it does not give the loss's formula. ``margin=0`` is
+  the log-sum-exp itself; the default margin of 1 is this library's choice.
 - Units (``block_local``): ``False`` (pure FF): every convolution or linear layer with what follows
   it up to the next one (activation, pooling, batch norm) is a unit; in a residual block the first
   convolution is one unit and the second convolution together with the shortcut another.
