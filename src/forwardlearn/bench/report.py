@@ -111,15 +111,19 @@ def cost_markdown(result: dict[str, Any], images: bool = True, image_prefix: str
     return "\n".join(out) + "\n"
 
 
+def _ratio(a: float | None, b: float | None) -> float | None:
+    return None if a is None or not b else a / b
+
+
 def arch_markdown(arch: dict[str, Any], samples: int | None) -> list[str]:
     b = arch["baseline"]
     n = samples or "N"
     out = [
         f"#### {arch['label']}, batch {arch['batch_size']}",
         "",
-        f"Reference: inference forward {_f(b['forward_seconds'] and b['forward_seconds'] * 1e3, '.2f')} ms, "
-        f"backprop step {_f(b['backprop_seconds'] and b['backprop_seconds'] * 1e3, '.2f')} ms (medians); "
-        f"peak above baseline: inference {_mb(b['inference_peak_bytes'])} MB, backprop step "
+        f"Times are medians, as ratios to the inference forward pass and to the backprop step of the same run "
+        f"(backprop step / forward: {_f(_ratio(b.get('backprop_seconds'), b.get('forward_seconds')), '.2f')}); "
+        f"peak memory above the process baseline: inference {_mb(b['inference_peak_bytes'])} MB, backprop step "
         f"{_mb(b['backprop_peak_bytes'])} MB.",
         "",
         f"| rule | forward-only | step / forward | step / backprop | peak MB | memory / inference | memory / backprop "
