@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/setup.sh
-.venv/bin/ruff check src tests
+.venv/bin/ruff check src tests examples benchmarks
 exec .venv/bin/python -m pytest "$@"
