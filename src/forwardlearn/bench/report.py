@@ -246,6 +246,12 @@ def _setup(run: dict[str, Any]) -> str:
             + (f", {opts}" if opts else ""))
 
 
+def _same_net(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Same widths, and the same model kind (a rule's ``default`` model counts as any)."""
+    kinds = {a["model"], b["model"]} - {"default"}
+    return a.get("hidden") == b.get("hidden") and len(kinds) <= 1
+
+
 def accuracy_markdown(result: dict[str, Any], images: bool = True, image_prefix: str = "") -> str:
     """Per data set a results table, then the reproduction table."""
     meta = result.get("meta") or {}
@@ -255,10 +261,11 @@ def accuracy_markdown(result: dict[str, Any], images: bool = True, image_prefix:
         mine = [r for r in runs if r["spec"]["data"] == data]
         xlabel, epoch_s = epoch_seconds(mine, meta.get("threads"))
         out += [f"#### {data}", "",
-                f"Epoch time: {xlabel} per epoch, as a ratio to the backprop run on the same data (the one with "
-                "the same model and widths where there is one).", "",
-                "| run | rule | setup | final test acc | best test acc | epochs done | epoch time x backprop |",
-                "|---|---|---|---:|---:|---:|---:|"]
+                f"Epoch time: {xlabel} per epoch, as a ratio to a backprop run on the same data: the one with the "
+                "same widths where there is one, else the suite's first (named in the last column).", "",
+                "| run | rule | setup | final test acc | best test acc | epochs done | epoch time x backprop "
+                "| backprop run compared with |",
+                "|---|---|---|---:|---:|---:|---:|---|"]
 
         def per_epoch(r: dict[str, Any], epoch_s: Any = epoch_s) -> float | None:
             h = r.get("history") or []
@@ -267,14 +274,14 @@ def accuracy_markdown(result: dict[str, Any], images: bool = True, image_prefix:
         bps = [r for r in mine if r["spec"]["rule"] == "backprop" and per_epoch(r)]
         for r in mine:
             h = r.get("history") or []
-            same = [b for b in bps if (b["spec"]["model"], b["spec"].get("hidden")) ==
-                    (r["spec"]["model"], r["spec"].get("hidden"))]
+            same = [b for b in bps if _same_net(b["spec"], r["spec"])]
             bp = (same or bps or [None])[0]
             ratio = None if bp is None or per_epoch(r) is None else per_epoch(r) / per_epoch(bp)
             status = "" if r.get("status") == "done" else (
                 f" ({r.get('status')}" + (f": {r['error']}" if r.get("error") else "") + ")")
+            ref = "-" if ratio is None else ("itself" if bp is r else bp["spec"]["id"])
             out.append(f"| {r['spec']['id']}{status} | {r['spec']['rule']} | {_setup(r)} | {_pct(r.get('final'))} | "
-                       f"{_pct(r.get('best'))} | {len(h)}/{r['spec']['epochs']} | {_f(ratio, '.2f')} |")
+                       f"{_pct(r.get('best'))} | {len(h)}/{r['spec']['epochs']} | {_f(ratio, '.2f')} | {ref} |")
         png = (result.get("plots") or {}).get(data)
         if images and png:
             out += ["", f"![time to accuracy on {data}]({image_prefix}{png})"]
