@@ -74,8 +74,9 @@ def test_directions_regenerate_bit_identically_and_chunkwise(dist):
 
 @pytest.mark.parametrize("dist", ["rademacher", "gaussian"])
 def test_add_terms_is_decay_then_each_direction_in_turn(dist):
-    """The one-sweep update of the fused step equals decaying and then adding each direction with add_
-    (the same float operations in the same order per element: bit-identical)."""
+    """The one-sweep update of the fused step equals decaying and then adding each direction's slice as
+    ``param`` makes it (the same float operations in the same order per element: bit-identical), and a
+    fresh buffer marked ``overwrite`` takes the first term as written, whatever it held."""
     d = Directions(dist)
     numels = [7, CHUNK + 11, 3, 2 * CHUNK - 5]  # parameters straddling chunk boundaries
     g = torch.Generator().manual_seed(0)
@@ -85,9 +86,21 @@ def test_add_terms_is_decay_then_each_direction_in_turn(dist):
     d.add_terms_(fused, terms, decay=0.9)
     expect = [t.clone().mul_(0.9) for t in start]
     for seed, alpha in terms:
-        d.add_(expect, seed, alpha)
+        for i, e in enumerate(expect):
+            e.add_(d.param(seed, numels, i, e), alpha=alpha)
     for a, b in zip(fused, expect):
         assert torch.equal(a, b)
+    garbage = [torch.full((n,), float("nan"), dtype=torch.float64) for n in numels]
+    d.add_terms_(garbage, terms, overwrite=[True, False, True, False])
+    for i, (a, b) in enumerate(zip(garbage, start)):
+        if i % 2 == 0:  # written: alpha_1 z_1 + alpha_2 z_2 + alpha_3 z_3, no NaN left
+            want = torch.zeros_like(b)
+            for k, (seed, alpha) in enumerate(terms):
+                z = d.param(seed, numels, i, b)
+                want = z * alpha if k == 0 else want.add_(z, alpha=alpha)
+            assert torch.equal(a, want)
+        else:  # added to NaN: stays NaN
+            assert bool(a.isnan().all())
 
 
 def test_rademacher_signs_are_fair_at_every_bit_position():

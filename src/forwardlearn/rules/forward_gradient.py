@@ -133,11 +133,14 @@ class Directions:
                 else:
                     break
 
-    def add_terms_(self, flats: list[Tensor], terms: list[tuple[int, float]], decay: float = 1.0) -> None:
+    def add_terms_(self, flats: list[Tensor], terms: list[tuple[int, float]], decay: float = 1.0,
+                   overwrite: list[bool] | None = None) -> None:
         """``flats[i] <- decay * flats[i] + sum_k alpha_k z_k`` in place for ``terms = [(seed_k, alpha_k)]``.
 
         One sweep over the parameters: for every chunk, each direction's piece is made in turn in a single
-        shared buffer and added at once, so the temporary memory is one chunk whatever ``len(terms)``."""
+        shared buffer and added at once, so the temporary memory is one chunk whatever ``len(terms)``.
+        Where ``overwrite[i]``, the first term is written instead of added (``flats[i]`` is a fresh buffer:
+        its contents and ``decay`` are ignored)."""
         if not flats:
             return
         offsets = [0]
@@ -159,16 +162,22 @@ class Directions:
             while i < len(flats) and offsets[i] < c1:
                 a, b = max(offsets[i], c0), min(offsets[i + 1], c1)
                 if b > a:
-                    slices.append((flats[i][a - offsets[i] : b - offsets[i]], a - c0, b - c0))
+                    fresh = overwrite is not None and overwrite[i]
+                    slices.append((flats[i][a - offsets[i] : b - offsets[i]], a - c0, b - c0, fresh))
                 i += 1
             if decay != 1.0:
-                for f, _, _ in slices:
-                    f.mul_(decay)
-            for seed, alpha in terms:
+                for f, _, _, fresh in slices:
+                    if not fresh:
+                        f.mul_(decay)
+            for k, (seed, alpha) in enumerate(terms):
                 z = self.chunk(seed, j, m, device, out=buf, generator=gen)
-                for f, a, b in slices:
+                for f, a, b, fresh in slices:
                     piece = z[a:b]
-                    f.add_(piece if piece.dtype == f.dtype else piece.to(f.dtype), alpha=alpha)
+                    piece = piece if piece.dtype == f.dtype else piece.to(f.dtype)
+                    if fresh and k == 0:
+                        torch.mul(piece, alpha, out=f)
+                    else:
+                        f.add_(piece, alpha=alpha)
 
     def param(self, seed: int, numels: list[int], i: int, like: Tensor) -> Tensor:
         """The slice of direction ``seed`` on parameter ``i`` as a tensor shaped like ``like``."""
@@ -180,14 +189,7 @@ class Directions:
     def add_(self, flats: list[Tensor], seed: int, alpha: float, overwrite: list[bool] | None = None) -> None:
         """``flats[i] += alpha * z_i`` in place for every parameter, chunk by chunk (``flats[i] = alpha * z_i``
         where ``overwrite[i]``: no need to zero a fresh buffer first)."""
-        numels = [f.numel() for f in flats]
-        for i, a, b, z in self.pieces(seed, numels, flats[0].device):
-            f = flats[i][a:b]
-            z = z if f.dtype == z.dtype else z.to(f.dtype)
-            if overwrite is not None and overwrite[i]:
-                torch.mul(z, alpha, out=f)
-            else:
-                f.add_(z, alpha=alpha)
+        self.add_terms_(flats, [(seed, alpha)], overwrite=overwrite)
 
 
 def flat_view(t: Tensor, what: str) -> Tensor:
@@ -212,8 +214,7 @@ def accumulate_directions(params: list[nn.Parameter], directions: Directions, se
         if p.grad is None:
             p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
     grads = [flat_view(p.grad, f"the gradient of parameter {i}") for i, p in enumerate(params)]
-    for k, (seed, c) in enumerate(zip(seeds, coefs)):
-        directions.add_(grads, seed, c, overwrite=fresh if k == 0 else None)
+    directions.add_terms_(grads, list(zip(seeds, coefs)), overwrite=fresh)  # one sweep for all K directions
 
 
 def _check_int(value: Any, what: str, minimum: int = 1) -> int:
