@@ -237,7 +237,19 @@ def test_checksum_mismatch_stops_the_run(launched):
         assert "parameters differ across ranks at step 5: rank 1" in msg, msg
 
 
+def test_process_group_is_freed_when_destroyed(launched):
+    if not os.path.isdir("/proc/self/task"):
+        pytest.skip("counts threads through /proc")
+    for r in (0, 1):
+        before, after = map(int, (launched / f"threads-rank{r}.txt").read_text().split())
+        assert after <= before, f"rank {r}: {after} threads after destroy_process_group, {before} before init"
+
+
 # --- the worker -------------------------------------------------------------------------------------------
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task")) if os.path.isdir("/proc/self/task") else 0
 
 
 def _worker(out: Path) -> None:
@@ -247,6 +259,7 @@ def _worker(out: Path) -> None:
     from forwardlearn.distributed.__main__ import build_parser, main
     from forwardlearn.distributed.trainer import init_process_group
 
+    threads_before = _threads()
     init_process_group("cpu")
     rank = dist.get_rank()
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
@@ -280,6 +293,9 @@ def _worker(out: Path) -> None:
     if rc:  # the survivor of the kill: its collective failed; exit so that torchrun restarts both workers
         sys.exit(rc)
     dist.destroy_process_group()
+    # gloo's worker threads must be gone now: a group that outlives destroy_process_group() can abort the
+    # interpreter at exit (a torch module imported after init captures it in default arguments)
+    (out / f"threads-rank{rank}.txt").write_text(f"{threads_before} {_threads()}")
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ the data order, the seeds and the optimizer state of the uninterrupted run.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -485,6 +486,12 @@ def _init_process_group(device: torch.device) -> tuple[bool, torch.device]:
         torch.cuda.set_device(device)
     if dist.is_initialized():
         return False, device
+    # Import torch._dynamo (which the first torch.optim optimizer imports anyway) BEFORE the group exists:
+    # it imports torch.distributed.nn.functional, whose default arguments (group=group.WORLD) would
+    # otherwise capture the default group. destroy_process_group() then cannot free it, gloo's worker
+    # threads outlive it, and the interpreter can abort (SIGABRT) at exit after a finished run.
+    importlib.import_module("torch._dynamo")
+
     backend = "nccl" if device.type == "cuda" else "gloo"
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
     if attempt is not None and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":

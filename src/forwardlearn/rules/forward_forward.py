@@ -516,24 +516,6 @@ class CollaborativeForwardForward(ForwardForward):
     }
     objective: ClassVar[str] = "collaborative"
 
-    def __init__(
-        self,
-        threshold: float = 1.0,
-        minus: bool = False,
-        temperature: float = 1.0,
-        negatives: str = "random",
-        label_mode: str = "auto",
-        label_scale: float = 1.0,
-        readout: bool = False,
-        predict_by: str = "goodness",
-        skip_first: bool = False,
-        normalize_input: bool = False,
-        peer_normalization: float = 0.0,
-        peer_momentum: float = 0.9,
-        loss: LossFn | None = None,
-        seed: int | None = None,
-    ) -> None:
-        super().__init__(threshold=threshold, minus=minus, temperature=temperature, negatives=negatives,
-                         label_mode=label_mode, label_scale=label_scale, readout=readout, predict_by=predict_by,
-                         skip_first=skip_first, normalize_input=normalize_input,
-                         peer_normalization=peer_normalization, peer_momentum=peer_momentum, loss=loss, seed=seed)
+    def __init__(self, *, skip_first: bool = False, **options: Any) -> None:
+        # only the default of skip_first differs; every other option (and its check) is ForwardForward's
+        super().__init__(skip_first=skip_first, **options)
