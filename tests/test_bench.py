@@ -304,3 +304,23 @@ def test_trainer_records_cpu_time_per_epoch():
     hist = fl.train(model, fl.get_rule("backprop"), train=(X, y), epochs=2, batch_size=16, progress=False)
     for e in hist.epochs:
         assert 0 < e["cpu_seconds"] and 0 < e["seconds"]
+
+
+def test_cli_accuracy_summary_tells_failed_from_not_run(tmp_path, capsys):
+    (tmp_path / "two.toml").write_text(
+        'name = "two"\n[defaults]\ndata = "digits"\nepochs = 1\nhidden = [8]\n'
+        '[[run]]\nrule = "backprop"\n[[run]]\nrule = "fa"\n[[run]]\nrule = "dfa"\ndata = "mnist"\n')
+    common = ["bench", "accuracy", "--suite", str(tmp_path / "two.toml"), "--quiet", "--out", str(tmp_path / "r"),
+              "--work", str(tmp_path / "w"), "--data-dir", str(tmp_path / "empty")]
+    assert main([*common, "--only", "backprop"]) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("1 of 3 run(s) done") and "not run: fa-digits-mlp-8-s0, dfa-mnist-mlp-8-s0" in last
+    assert "failed" not in last
+    assert main([*common, "--only", "dfa"]) == 1  # a run that fails (no MNIST files here): non-zero exit
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "; failed: dfa-mnist-mlp-8-s0" in last and "not run: fa-digits-mlp-8-s0" in last
+    res = json.loads((tmp_path / "r" / "accuracy-two.json").read_text())
+    # the table holds runs of both invocations: its command reproduces all of them, the last one is kept beside
+    assert "--only" not in res["meta"]["command"] and " --only dfa " in res["meta"]["last_invocation"]
+    md = (tmp_path / "r" / "accuracy-two.md").read_text()
+    assert "the last one to write these results: `forwardlearn bench accuracy" in md

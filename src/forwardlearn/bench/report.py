@@ -255,7 +255,11 @@ def _same_net(a: dict[str, Any], b: dict[str, Any]) -> bool:
 def accuracy_markdown(result: dict[str, Any], images: bool = True, image_prefix: str = "") -> str:
     """Per data set a results table, then the reproduction table."""
     meta = result.get("meta") or {}
-    out = [f"Command: `{meta.get('command', '?')}`  ", f"Hardware: {hardware(meta)}", ""]
+    out = [f"Command: `{meta.get('command', '?')}`  "]
+    if meta.get("last_invocation") not in (None, meta.get("command")):
+        out.append(f"(runs resume across invocations; the last one to write these results: "
+                   f"`{meta['last_invocation']}`)  ")
+    out += [f"Hardware: {hardware(meta)}", ""]
     runs = result["runs"]
     for data in sorted({r["spec"]["data"] for r in runs}):
         mine = [r for r in runs if r["spec"]["data"] == data]

@@ -166,16 +166,24 @@ def _accuracy(args: argparse.Namespace) -> int:
         print(f"{s['rule']}: skipped ({s['why']})")
     only = [s.strip() for s in args.only.split(",") if s.strip()] if args.only else None
     device = str(resolve_device(args.device))
-    meta = run_meta(device, args.threads, {"suite": "per run (see runs[].spec.seed)"}, command=command_line(args))
+    # the table gathers runs trained by several invocations (each resumes where the last stopped): its
+    # command is the one that reproduces all of it; the invocation that last wrote it is kept beside
+    meta = run_meta(device, args.threads, {"suite": "per run (see runs[].spec.seed)"},
+                    command=command_line(argparse.Namespace(**{**vars(args), "only": None})))
+    meta["last_invocation"] = command_line(args)
     out = run_suite(suite, Path(args.out), Path(args.work), device=device, threads=args.threads,
                     data_dir=args.data_dir, progress=not args.quiet, meta=meta, only=only)
-    failed = [r["spec"]["id"] for r in out["runs"] if r["status"] != "done"]
+    by_status: dict[str, list[str]] = {}
+    for r in out["runs"]:
+        by_status.setdefault(r["status"], []).append(r["spec"]["id"])
     name = suite["name"]
     print(f"written: {Path(args.out) / f'accuracy-{name}.json'}  {Path(args.out) / f'accuracy-{name}.md'}  "
           + "  ".join(str(Path(args.out) / p) for p in out["plots"].values()))
-    print(f"{len(out['runs']) - len(failed)} run(s) done in {out['total_seconds_this_session']:.0f} s this session"
-          + (f"; failed: {', '.join(failed)}" if failed else ""))
-    return 0
+    print(f"{len(by_status.get('done', []))} of {len(out['runs'])} run(s) done "
+          f"({out['total_seconds_this_session']:.0f} s of training this session)"
+          + "".join(f"; {status}: {', '.join(by_status[status])}"
+                    for status in ("failed", "incomplete", "not run") if by_status.get(status)))
+    return 1 if by_status.get("failed") else 0
 
 
 def _report(args: argparse.Namespace) -> int:
