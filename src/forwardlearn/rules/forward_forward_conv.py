@@ -17,8 +17,10 @@ detached, layer-normalised output of the unit below, so no gradient crosses a un
   against the true class's). The author's own summary (krutsylo.neocities.org/sff.html) confirms the
   per-class goodness (mean squared activation of one auxiliary channel per class, 1x1 or slightly larger
   kernel), the true class as the positive and every other class as a negative, layer-normalised and
-  detached block outputs, and the averaged vote; it does not give the loss's formula. ``margin=0`` is
-  the log-sum-exp itself; the default margin of 1 is this library's choice.
+  detached block outputs, and the averaged vote; it does not give the loss's formula. A summary of the
+  paper (sciencestack.ai/paper/2501.03176) names the objective a "log-sum-exp margin loss", the form
+  above. The paper's margin value could not be read: the default of 1 is this library's choice, and
+  ``margin=0`` is the plain log-sum-exp.
 - Units (``block_local``): ``False`` (pure FF): every convolution or linear layer with what follows
   it up to the next one (activation, pooling, batch norm) is a unit; in a residual block the first
   convolution is one unit and the second convolution together with the shortcut another.
