@@ -180,7 +180,7 @@ def _accuracy(args: argparse.Namespace) -> int:
     print(f"written: {Path(args.out) / f'accuracy-{name}.json'}  {Path(args.out) / f'accuracy-{name}.md'}  "
           + "  ".join(str(Path(args.out) / p) for p in out["plots"].values()))
     print(f"{len(by_status.get('done', []))} of {len(out['runs'])} run(s) done "
-          f"({out['total_seconds_this_session']:.0f} s of training this session)"
+          f"({out['total_seconds_this_session']:.0f} s this session)"
           + "".join(f"; {status}: {', '.join(by_status[status])}"
                     for status in ("failed", "incomplete", "not run") if by_status.get(status)))
     return 1 if by_status.get("failed") else 0
