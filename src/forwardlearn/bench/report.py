@@ -271,16 +271,13 @@ def accuracy_markdown(result: dict[str, Any], images: bool = True, image_prefix:
                 "| backprop run compared with |",
                 "|---|---|---|---:|---:|---:|---:|---|"]
 
-        def per_epoch(r: dict[str, Any], epoch_s: Any = epoch_s) -> float | None:
+        per_epoch = [sum(epoch_s(e) for e in h) / len(h) if (h := r.get("history")) else None for r in mine]
+        bps = [(r, t) for r, t in zip(mine, per_epoch) if r["spec"]["rule"] == "backprop" and t]
+        for r, t in zip(mine, per_epoch):
             h = r.get("history") or []
-            return sum(epoch_s(e) for e in h) / len(h) if h else None
-
-        bps = [r for r in mine if r["spec"]["rule"] == "backprop" and per_epoch(r)]
-        for r in mine:
-            h = r.get("history") or []
-            same = [b for b in bps if _same_net(b["spec"], r["spec"])]
-            bp = (same or bps or [None])[0]
-            ratio = None if bp is None or per_epoch(r) is None else per_epoch(r) / per_epoch(bp)
+            same = [b for b in bps if _same_net(b[0]["spec"], r["spec"])]
+            bp, t_bp = (same or bps or [(None, None)])[0]
+            ratio = None if bp is None or t is None else t / t_bp
             status = "" if r.get("status") == "done" else (
                 f" ({r.get('status')}" + (f": {r['error']}" if r.get("error") else "") + ")")
             ref = "-" if ratio is None else ("itself" if bp is r else bp["spec"]["id"])
