@@ -78,7 +78,8 @@ def test_add_terms_is_decay_then_each_direction_in_turn(dist):
     ``param`` makes it (the same float operations in the same order per element: bit-identical), and a
     fresh buffer marked ``overwrite`` takes the first term as written, whatever it held."""
     d = Directions(dist)
-    numels = [7, CHUNK + 11, 3, 2 * CHUNK - 5]  # parameters straddling chunk boundaries
+    # parameters straddling chunk boundaries, one ending on a boundary, an empty one on it
+    numels = [7, CHUNK - 7, 0, CHUNK + 11, 3, 2 * CHUNK - 5]
     g = torch.Generator().manual_seed(0)
     start = [torch.randn(n, generator=g, dtype=torch.float64) for n in numels]
     terms = [(11, 0.5), (12, -0.25), (13, 2.0)]
@@ -91,7 +92,7 @@ def test_add_terms_is_decay_then_each_direction_in_turn(dist):
     for a, b in zip(fused, expect):
         assert torch.equal(a, b)
     garbage = [torch.full((n,), float("nan"), dtype=torch.float64) for n in numels]
-    d.add_terms_(garbage, terms, overwrite=[True, False, True, False])
+    d.add_terms_(garbage, terms, overwrite=[True, False] * 3)
     for i, (a, b) in enumerate(zip(garbage, start)):
         if i % 2 == 0:  # written: alpha_1 z_1 + alpha_2 z_2 + alpha_3 z_3, no NaN left
             want = torch.zeros_like(b)

@@ -83,10 +83,39 @@ def test_trainer_rejects_bad_arguments():
         Trainer(model, rule, opt, epochs=0, batch_size=4)
     with pytest.raises(ValueError, match="batch size"):
         Trainer(model, rule, opt, epochs=1, batch_size=-2)
+    with pytest.raises(ValueError, match="eval_threads"):
+        Trainer(model, rule, opt, epochs=1, batch_size=4, eval_threads=0)
     with pytest.raises(ValueError, match="learning rate"):
         make_optimizer("sgd", model.parameters(), -1.0)
     with pytest.raises(ValueError, match="unknown optimizer"):
         make_optimizer("lion", model.parameters(), 0.1)
+
+
+def test_eval_threads_apply_to_evaluation_only(digits):
+    (X, y), test = digits
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        rule = fl.get_rule("backprop")
+        seen = {"grads": set(), "predict": set()}
+
+        def recording(f, where):  # the rule's method, noting the thread count of every call
+            def wrapped(*a):
+                where.add(torch.get_num_threads())
+                return f(*a)
+
+            return wrapped
+
+        for name in seen:
+            setattr(rule, name, recording(getattr(rule, name), seen[name]))
+        model = rule.attach(fl.models.mlp(64, [16], 10))
+        tr = Trainer(model, rule, make_optimizer("sgd", model.parameters(), 0.05), epochs=2, batch_size=256,
+                     progress=False, eval_threads=2)
+        tr.fit((X, y), test)
+        assert seen == {"grads": {1}, "predict": {2}}
+        assert torch.get_num_threads() == 1  # restored after every evaluation
+    finally:
+        torch.set_num_threads(before)
 
 
 CLI = [sys.executable, "-m", "forwardlearn"]

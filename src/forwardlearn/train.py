@@ -121,7 +121,8 @@ class Trainer:
     """Mini-batch training of ``model`` with ``rule`` and a ``torch.optim`` optimizer.
 
     Build the optimizer *after* ``rule.attach(model)``: a rule may add trainable parts (a read-out
-    head, say) as sub-modules of the model.
+    head, say) as sub-modules of the model. ``eval_threads`` sets the torch CPU threads of the per-epoch
+    evaluation only (it is not part of the timed ``seconds``); ``None`` keeps the current setting.
     """
 
     def __init__(
@@ -141,11 +142,15 @@ class Trainer:
         config: dict[str, Any] | None = None,
         eval_train: bool = True,
         check_grads: bool = True,
+        eval_threads: int | None = None,
     ) -> None:
         if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
             raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
             raise ValueError(f"batch size must be a positive integer, got {batch_size!r}")
+        if eval_threads is not None and (isinstance(eval_threads, bool) or not isinstance(eval_threads, int)
+                                         or eval_threads <= 0):
+            raise ValueError(f"eval_threads must be a positive integer or None, got {eval_threads!r}")
         self.device = resolve_device(device)
         self.model = rule.attach(model.to(self.device))
         self.rule = rule
@@ -159,6 +164,7 @@ class Trainer:
         self.config = dict(config or {})
         self.eval_train = eval_train
         self.check_grads = check_grads
+        self.eval_threads = eval_threads
         self.generator = torch.Generator().manual_seed(seed)  # the shuffling stream
         self.history = History()
         self.epoch = 0  # epochs completed
@@ -282,10 +288,16 @@ class Trainer:
             t1 = time.perf_counter()
             record: dict[str, float] = {"epoch": self.epoch + 1, "loss": total / count, "seconds": seconds,
                                         "cpu_seconds": cpu_seconds}
-            if self.eval_train:
-                record["train_acc"] = accuracy(self.rule, self.model, X, y)
-            if Xt is not None:
-                record["test_acc"] = accuracy(self.rule, self.model, Xt, yt)
+            threads = torch.get_num_threads()
+            if self.eval_threads is not None:  # evaluation is not timed: it may use more cores than training
+                torch.set_num_threads(self.eval_threads)
+            try:
+                if self.eval_train:
+                    record["train_acc"] = accuracy(self.rule, self.model, X, y)
+                if Xt is not None:
+                    record["test_acc"] = accuracy(self.rule, self.model, Xt, yt)
+            finally:
+                torch.set_num_threads(threads)
             record["eval_seconds"] = time.perf_counter() - t1
             self.epoch += 1
             self.history.epochs.append(record)

@@ -225,7 +225,7 @@ def _stored_history(run_dir: Path) -> list[dict[str, float]]:
 
 
 def train_run(spec: dict[str, Any], run_dir: Path, data: tuple[Any, Any], shape: tuple[int, ...], classes: int,
-              device: Any, progress: bool) -> list[dict[str, float]]:
+              device: Any, progress: bool, eval_threads: int | None = None) -> list[dict[str, float]]:
     """Train one run into ``run_dir`` (resuming from its checkpoint); returns the per-epoch history."""
     import torch
 
@@ -246,16 +246,21 @@ def train_run(spec: dict[str, Any], run_dir: Path, data: tuple[Any, Any], shape:
     model = rule.attach(build_model(spec, shape, classes).to(device))
     opt = make_optimizer(spec["optimizer"], trainable_parameters(model), spec["lr"])
     trainer = Trainer(model, rule, opt, epochs=spec["epochs"], batch_size=spec["batch_size"], seed=spec["seed"],
-                      out_dir=run_dir, progress=progress, device=device, config=spec, eval_train=False)
+                      out_dir=run_dir, progress=progress, device=device, config=spec, eval_train=False,
+                      eval_threads=eval_threads)
     (train, test) = data
     trainer.fit(train, test, resume=True)
     return trainer.history.epochs
 
 
 def run_suite(suite: dict[str, Any], results: Path, work: Path, *, device: str = "auto", threads: int | None = 1,
-              data_dir: str | None = None, progress: bool = True, meta: dict[str, Any] | None = None,
-              only: Sequence[str] | None = None, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run (or resume) every run of ``suite``; write ``accuracy-<name>.json``/``.md`` and the PNGs into ``results``."""
+              eval_threads: int | None = None, data_dir: str | None = None, progress: bool = True,
+              meta: dict[str, Any] | None = None, only: Sequence[str] | None = None,
+              log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) every run of ``suite``; write ``accuracy-<name>.json``/``.md`` and the PNGs into ``results``.
+
+    ``threads`` is the torch CPU thread count of training (the timed part); ``eval_threads`` that of the
+    per-epoch test evaluation, which the time axis excludes (``None``: the same as training)."""
     import torch
 
     from .. import data as fldata
@@ -302,7 +307,7 @@ def run_suite(suite: dict[str, Any], results: Path, work: Path, *, device: str =
                                               fldata.load(spec["data"], "test", root=data_dir)))
             info, ds = cache[spec["data"]]
             t0 = time.perf_counter()
-            hist = train_run(spec, run_dir, ds, tuple(info.shape), info.classes, dev, progress)
+            hist = train_run(spec, run_dir, ds, tuple(info.shape), info.classes, dev, progress, eval_threads)
             rec["wall_seconds_this_session"] = time.perf_counter() - t0
         except Exception as e:  # noqa: BLE001 - a failing run is recorded, the suite goes on
             msg = str(e).splitlines()[0] if str(e) else ""

@@ -74,6 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--out", default="benchmarks/results", help="results directory (default benchmarks/results)")
     a.add_argument("--work", default="runs/bench", help="per-run checkpoints (default runs/bench)")
     a.add_argument("--list", action="store_true", help="print the suite's runs and exit")
+    a.add_argument("--eval-threads", type=positive(int, "--eval-threads"), default=None,
+                   help="torch CPU threads of the per-epoch evaluation, which is not timed (default: --threads)")
     a.add_argument("--data-dir", default=None, help="data cache (default $FORWARDLEARN_DATA or ~/.cache/forwardlearn)")
     _common(a)
 
@@ -172,7 +174,8 @@ def _accuracy(args: argparse.Namespace) -> int:
                     command=command_line(argparse.Namespace(**{**vars(args), "only": None})))
     meta["last_invocation"] = command_line(args)
     out = run_suite(suite, Path(args.out), Path(args.work), device=device, threads=args.threads,
-                    data_dir=args.data_dir, progress=not args.quiet, meta=meta, only=only)
+                    eval_threads=args.eval_threads, data_dir=args.data_dir, progress=not args.quiet, meta=meta,
+                    only=only)
     by_status: dict[str, list[str]] = {}
     for r in out["runs"]:
         by_status.setdefault(r["status"], []).append(r["spec"]["id"])

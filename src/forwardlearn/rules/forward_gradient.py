@@ -14,6 +14,8 @@ layer from its input and an output signal (:func:`layer_weight_grads`).
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Callable, Iterator
 from typing import Any, ClassVar, NamedTuple
@@ -49,6 +51,22 @@ def mix_seed(seed: int, index: int) -> int:
 def draw_seeds(generator: torch.Generator, k: int) -> list[int]:
     """``k`` per-direction integer seeds from the rule's own (CPU) stream."""
     return [int(s) for s in torch.randint(0, 2**62, (k,), generator=generator).tolist()]
+
+
+def _offsets(numels: list[int]) -> list[int]:
+    """Where each parameter starts in the concatenation of all of them, and the total: ``[0, n0, n0+n1, ...]``."""
+    return [0, *itertools.accumulate(numels)]
+
+
+def _spans(offsets: list[int], c0: int, c1: int, first: int, last: int) -> Iterator[tuple[int, int, int]]:
+    """``(i, a, b)`` for each parameter ``first <= i < last`` whose range meets ``[c0, c1)``; ``[a, b)`` is the
+    non-empty overlap, in positions of the concatenation."""
+    i = max(first, bisect.bisect_right(offsets, c0) - 1)
+    while i < last and offsets[i] < c1:
+        a, b = max(offsets[i], c0), min(offsets[i + 1], c1)
+        if b > a:
+            yield i, a, b
+        i += 1
 
 
 class Directions:
@@ -103,15 +121,12 @@ class Directions:
 
         Every chunk of one call is written into the same buffer: a yielded piece is valid until the
         iterator advances past its chunk (copy it to keep it)."""
-        offsets = [0]
-        for n in numels:
-            offsets.append(offsets[-1] + n)
+        offsets = _offsets(numels)
         total = offsets[-1]
-        lo, hi = (0, total) if only is None else (offsets[only], offsets[only + 1])
-        i = 0 if only is None else only
+        first, last = (0, len(numels)) if only is None else (only, only + 1)
         buf: Tensor | None = None
         gen: torch.Generator | None = None
-        for j in range(lo // CHUNK, -(-hi // CHUNK)):
+        for j in range(offsets[first] // CHUNK, -(-offsets[last] // CHUNK)):
             c0 = j * CHUNK
             m = min(CHUNK, total - c0)
             key = (seed, j, device)
@@ -123,15 +138,8 @@ class Directions:
                     gen = torch.Generator(device=device)
                 z = self.chunk(seed, j, m, device, out=buf, generator=gen)
                 self._cache = (*key, z)
-            c1 = c0 + m
-            while i < len(numels) and offsets[i] < c1 and (only is None or i == only):
-                a, b = max(offsets[i], c0), min(offsets[i + 1], c1)
-                if b > a:
-                    yield i, a - offsets[i], b - offsets[i], z[a - c0 : b - c0]
-                if offsets[i + 1] <= c1:
-                    i += 1
-                else:
-                    break
+            for i, a, b in _spans(offsets, c0, c0 + m, first, last):
+                yield i, a - offsets[i], b - offsets[i], z[a - c0 : b - c0]
 
     def add_terms_(self, flats: list[Tensor], terms: list[tuple[int, float]], decay: float = 1.0,
                    overwrite: list[bool] | None = None) -> None:
@@ -143,28 +151,17 @@ class Directions:
         its contents and ``decay`` are ignored)."""
         if not flats:
             return
-        offsets = [0]
-        for f in flats:
-            offsets.append(offsets[-1] + f.numel())
+        offsets = _offsets([f.numel() for f in flats])
         total = offsets[-1]
         device = flats[0].device
         buf = torch.empty(_BITS * -(-min(CHUNK, total) // _BITS), device=device)
         gen = torch.Generator(device=device)
-        i0 = 0
+        is_fresh = overwrite or [False] * len(flats)
         for j in range(-(-total // CHUNK)):
             c0 = j * CHUNK
             m = min(CHUNK, total - c0)
-            c1 = c0 + m
-            while offsets[i0 + 1] <= c0:
-                i0 += 1
-            slices = []
-            i = i0
-            while i < len(flats) and offsets[i] < c1:
-                a, b = max(offsets[i], c0), min(offsets[i + 1], c1)
-                if b > a:
-                    fresh = overwrite is not None and overwrite[i]
-                    slices.append((flats[i][a - offsets[i] : b - offsets[i]], a - c0, b - c0, fresh))
-                i += 1
+            slices = [(flats[i][a - offsets[i] : b - offsets[i]], a - c0, b - c0, is_fresh[i])
+                      for i, a, b in _spans(offsets, c0, c0 + m, 0, len(flats))]
             if decay != 1.0:
                 for f, _, _, fresh in slices:
                     if not fresh:
