@@ -30,6 +30,16 @@ def _positive_int(value: int, what: str) -> int:
     return value
 
 
+def _dense(width: int, hidden: Sequence[int], classes: int, activation: str) -> list[nn.Module]:
+    """``Linear -> activation`` per hidden width, then the ``Linear`` to ``classes``."""
+    layers: list[nn.Module] = []
+    for h in hidden:
+        _positive_int(h, "hidden width")
+        layers += [nn.Linear(width, h), activation_module(activation)]
+        width = h
+    return [*layers, nn.Linear(width, classes)]
+
+
 def mlp(in_features: int, hidden: Sequence[int], classes: int, activation: str = "relu") -> nn.Sequential:
     """``Flatten -> [Linear -> activation] * len(hidden) -> Linear``.
 
@@ -37,14 +47,7 @@ def mlp(in_features: int, hidden: Sequence[int], classes: int, activation: str =
     """
     _positive_int(in_features, "in_features")
     _positive_int(classes, "classes")
-    layers: list[nn.Module] = [nn.Flatten()]
-    width = in_features
-    for h in hidden:
-        _positive_int(h, "hidden width")
-        layers += [nn.Linear(width, h), activation_module(activation)]
-        width = h
-    layers.append(nn.Linear(width, classes))
-    return nn.Sequential(*layers)
+    return nn.Sequential(nn.Flatten(), *_dense(in_features, hidden, classes, activation))
 
 
 def cnn(
@@ -79,12 +82,7 @@ def cnn(
         width = nn.Sequential(*layers)(torch.zeros(1, in_channels, *hw)).shape[1]
     if width == 0:
         raise ValueError(f"input_size {input_size} is too small for {len(channels)} pooling stages")
-    for h in hidden:
-        _positive_int(h, "hidden width")
-        layers += [nn.Linear(width, h), activation_module(activation)]
-        width = h
-    layers.append(nn.Linear(width, classes))
-    return nn.Sequential(*layers)
+    return nn.Sequential(*layers, *_dense(width, hidden, classes, activation))
 
 
 def build(
