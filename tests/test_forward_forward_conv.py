@@ -11,13 +11,7 @@ import torch.nn.functional as F
 import forwardlearn as fl
 from forwardlearn.rules.forward_forward_conv import SFFNetwork, class_goodness, margin_loss
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test here on one CPU thread (see conftest)
 
 
 def tiny_resnet(batch_norm: bool = True) -> fl.models.ResNet:

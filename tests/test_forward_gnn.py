@@ -20,12 +20,7 @@ from forwardlearn.rules.forward_gnn import train_graph
 VARIANTS = [{"variant": "sf"}, {"variant": "sf", "top_down": True}, {"variant": "ff"}]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test here on one CPU thread (see conftest)
 
 
 @pytest.fixture(scope="module")

@@ -23,12 +23,7 @@ from forwardlearn.models import HarsanyiNet
 EXACT = 1e-12
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # every test here on one CPU thread (see conftest)
 
 
 def _interaction_orders(model: HarsanyiNet) -> set[int]:
