@@ -211,6 +211,11 @@ def test_resume_refuses_changed_settings(tmp_path, capsys):
     rc, err = _main(capsys, "train", "--rule", "backprop", "--epochs", "2", "--quiet", "--out", str(out),
                     "--resume", "--hidden", "64")
     assert rc == 2 and "hidden" in err
+    rc, err = _main(capsys, "train", "--rule", "backprop", "--epochs", "2", "--quiet", "--out", str(out),
+                    "--resume", "--lr", "0.5")
+    assert rc == 2 and "differ from its checkpoint: lr" in err
+    rc, _ = _main(capsys, "train", "--rule", "backprop", "--epochs", "2", "--quiet", "--out", str(out), "--resume")
+    assert rc == 0  # more epochs, same settings: resumes
 
 
 def test_compare_backprop_table_and_plot(tmp_path, capsys):

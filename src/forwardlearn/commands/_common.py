@@ -66,6 +66,23 @@ def run_directory(args: argparse.Namespace, resume: bool) -> Path:
     return out
 
 
+def check_resume(out: Path, cfg: dict[str, Any], keys: tuple[str, ...]) -> None:
+    """Refuse to resume ``out`` when one of ``keys`` of ``cfg`` differs from the setting its checkpoint was
+    trained with (more ``epochs`` is fine: that is what resuming is for)."""
+    import torch
+
+    path = out / "checkpoint.pt"
+    if not path.exists():
+        return
+    old = torch.load(path, map_location="cpu", weights_only=True).get("config", {})
+    changed = [k for k in keys if k in old and old[k] != cfg[k]]
+    if changed:
+        raise ValueError(f"resuming {out} with settings that differ from its checkpoint: {', '.join(changed)}")
+
+
+RESUME_KEYS = ("rule", "data", "model", "hidden", "activation", "batch_size", "optimizer", "lr", "seed")
+
+
 def training_config(args: argparse.Namespace, defaults: dict[str, Any], hidden: list[int] | None) -> dict[str, Any]:
     """The settings of a training run: command-line values, else the rule's documented defaults."""
     return {

@@ -5,7 +5,16 @@ from __future__ import annotations
 import argparse
 import json
 
-from ._common import add_common, parse_hidden, parse_options, positive, run_directory, training_config
+from ._common import (
+    RESUME_KEYS,
+    add_common,
+    check_resume,
+    parse_hidden,
+    parse_options,
+    positive,
+    run_directory,
+    training_config,
+)
 
 NAME = "train"
 HELP = "train a model with a learning rule (checkpoint every epoch, --resume continues exactly)"
@@ -50,12 +59,8 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     rule = get_rule(args.rule, seed=args.seed, **options)
     cfg = {**training_config(args, type(rule).defaults, hidden), "options": {k: repr(v) for k, v in options.items()}}
-    if args.resume and (out / "checkpoint.pt").exists():
-        old = torch.load(out / "checkpoint.pt", map_location="cpu", weights_only=True).get("config", {})
-        changed = [k for k in ("rule", "options", "data", "model", "hidden", "batch_size", "optimizer", "seed")
-                   if k in old and old[k] != cfg[k]]
-        if changed:
-            raise ValueError(f"--resume with different settings than {out}/checkpoint.pt: {', '.join(changed)}")
+    if args.resume:
+        check_resume(out, cfg, (*RESUME_KEYS, "options"))
     Xtr, ytr = data.load(args.data, "train", root=args.data_dir)
     Xte, yte = data.load(args.data, "test", root=args.data_dir)
     if args.model is None and hidden is None:

@@ -515,7 +515,14 @@ def init_process_group(device: torch.device | str = "cpu") -> torch.device:
 def train_distributed(args: argparse.Namespace) -> int:
     """Run ``forwardlearn train`` with ``--distributed`` and/or ``--update-log`` (see the module doc)."""
     from .. import data, models
-    from ..commands._common import parse_hidden, parse_options, run_directory, training_config
+    from ..commands._common import (
+        RESUME_KEYS,
+        check_resume,
+        parse_hidden,
+        parse_options,
+        run_directory,
+        training_config,
+    )
     from ..rules import get_rule
     from ..train import make_optimizer, resolve_device
 
@@ -544,12 +551,8 @@ def train_distributed(args: argparse.Namespace) -> int:
             "world_size": exchange.world_size if exchange is not None else 1,
             "directions": int(getattr(rule, "directions", 0)),
         }
-        if resume and (out / CHECKPOINT).exists():
-            old = torch.load(out / CHECKPOINT, map_location="cpu", weights_only=True).get("config", {})
-            changed = [k for k in ("rule", "rule_options", "data", "model", "hidden", "batch_size", "optimizer", "lr",
-                                   "seed", "world_size", "directions") if k in old and old[k] != cfg[k]]
-            if changed:
-                raise ValueError(f"resuming {out} with settings that differ from its checkpoint: {', '.join(changed)}")
+        if resume:
+            check_resume(out, cfg, (*RESUME_KEYS, "rule_options", "world_size", "directions"))
         Xtr, ytr = data.load(args.data, "train", root=args.data_dir)
         Xte, yte = data.load(args.data, "test", root=args.data_dir)
         model = models.build(cfg["model"], spec.shape, spec.classes, cfg["hidden"] or None, args.activation)
