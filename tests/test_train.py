@@ -91,31 +91,26 @@ def test_trainer_rejects_bad_arguments():
         make_optimizer("lion", model.parameters(), 0.1)
 
 
-def test_eval_threads_apply_to_evaluation_only(digits):
+def test_eval_threads_apply_to_evaluation_only(digits, one_thread):
     (X, y), test = digits
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        rule = fl.get_rule("backprop")
-        seen = {"grads": set(), "predict": set()}
+    rule = fl.get_rule("backprop")
+    seen = {"grads": set(), "predict": set()}
 
-        def recording(f, where):  # the rule's method, noting the thread count of every call
-            def wrapped(*a):
-                where.add(torch.get_num_threads())
-                return f(*a)
+    def recording(f, where):  # the rule's method, noting the thread count of every call
+        def wrapped(*a):
+            where.add(torch.get_num_threads())
+            return f(*a)
 
-            return wrapped
+        return wrapped
 
-        for name in seen:
-            setattr(rule, name, recording(getattr(rule, name), seen[name]))
-        model = rule.attach(fl.models.mlp(64, [16], 10))
-        tr = Trainer(model, rule, make_optimizer("sgd", model.parameters(), 0.05), epochs=2, batch_size=256,
-                     progress=False, eval_threads=2)
-        tr.fit((X, y), test)
-        assert seen == {"grads": {1}, "predict": {2}}
-        assert torch.get_num_threads() == 1  # restored after every evaluation
-    finally:
-        torch.set_num_threads(before)
+    for name in seen:
+        setattr(rule, name, recording(getattr(rule, name), seen[name]))
+    model = rule.attach(fl.models.mlp(64, [16], 10))
+    tr = Trainer(model, rule, make_optimizer("sgd", model.parameters(), 0.05), epochs=2, batch_size=256,
+                 progress=False, eval_threads=2)
+    tr.fit((X, y), test)
+    assert seen == {"grads": {1}, "predict": {2}}
+    assert torch.get_num_threads() == 1  # restored after every evaluation
 
 
 CLI = [sys.executable, "-m", "forwardlearn"]
