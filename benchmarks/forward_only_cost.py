@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 
 import forwardlearn as fl
-from forwardlearn.rules.forward_gradient import CHUNK, Directions, jvp_loss
+from forwardlearn.forward_only import CHUNK, Directions, jvp_loss
 
 RULES: dict[str, dict[str, Any]] = {
     "forward_gradient": {"directions": 1},

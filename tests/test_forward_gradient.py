@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import forwardlearn as fl
-from forwardlearn.rules.forward_gradient import (
+from forwardlearn.forward_only import (
     CHUNK,
     Directions,
     jvp_loss,
@@ -280,7 +280,7 @@ def test_forward_gradient_seed_scalar_api():
     assert loss == pytest.approx(float(F.cross_entropy(model(x), y)), rel=1e-12)
     # apply regenerates the tangents: (grad . v) v summed per parameter
     rule.apply(model, seeds, scalars)
-    from forwardlearn.rules.forward_gradient import Directions as D
+    from forwardlearn.forward_only import Directions as D
 
     dirs = D("rademacher")
     numels = [p.numel() for p in model.parameters()]

@@ -135,7 +135,7 @@ def test_fused_apply_is_sgd_without_grad():
 
 
 def test_chunking_spans_parameters_larger_than_a_chunk(mode):
-    from forwardlearn.rules.forward_gradient import CHUNK
+    from forwardlearn.forward_only import CHUNK
 
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(1100, 470), torch.nn.ReLU(), torch.nn.Linear(470, 3)).double()

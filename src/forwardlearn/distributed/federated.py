@@ -34,8 +34,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..forward_only.directions import draw_seeds
 from ..rules.base import Rule, trainable_parameters
-from ..rules.forward_gradient import draw_seeds
 from ..train import accuracy, make_optimizer
 from .wire import checksum, stream_seed
 

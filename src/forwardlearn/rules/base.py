@@ -16,6 +16,7 @@ A new rule is one class in its family's file under ``forwardlearn/rules/`` decor
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Iterable
 from typing import Any, ClassVar
 
@@ -98,6 +99,20 @@ def accumulate_grad(param: Tensor, grad: Tensor) -> None:
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
     """The parameters of ``model`` that require gradients, in ``model.parameters()`` order."""
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def check_int(value: Any, what: str, minimum: int = 1) -> int:
+    """``value`` if it is an int (not a bool) of at least ``minimum``, else ``ValueError`` naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{what} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def check_positive(value: Any, what: str) -> float:
+    """``value`` as a float if it is a positive finite number, else ``ValueError`` naming ``what``."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{what} must be a positive finite number, got {value!r}")
+    return float(value)
 
 
 class NonFiniteError(RuntimeError):

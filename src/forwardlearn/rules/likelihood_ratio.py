@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .base import LossFn, Rule, check_finite, register
-from .forward_gradient import _check_int, _check_positive, give_grad, layer_weight_grads, perturbable_layers
+from ..forward_only.local import give_grad, layer_weight_grads, perturbable_layers
+from .base import LossFn, Rule, check_finite, check_int, check_positive, register
 
 
 def per_example_losses(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
@@ -33,7 +33,7 @@ class UnifiedLikelihoodRatio(Rule):
         d E[L] / d W_l = E[ L * (eps_l / sigma) x_l^T ],   d E[L] / d b_l = E[ L * eps_l / sigma ]
 
     estimated as the mean over copies and examples, with the layer's local formula
-    (:func:`~forwardlearn.rules.forward_gradient.layer_weight_grads`) and no backward pass.
+    (:func:`~forwardlearn.forward_only.local.layer_weight_grads`) and no backward pass.
 
     Variance reduction: ``antithetic=True`` pairs copy ``k`` with copy ``k + K/2`` carrying ``-eps`` in
     every layer, so each pair contributes ``(L(eps) - L(-eps)) eps / (2 sigma) x^T`` (any constant baseline
@@ -65,8 +65,8 @@ class UnifiedLikelihoodRatio(Rule):
     def __init__(self, copies: int = 32, sigma: float = 0.1, antithetic: bool = False, baseline: bool = True,
                  loss: LossFn | None = None, seed: int | None = None) -> None:
         super().__init__(loss=loss, seed=seed)
-        self.copies = _check_int(copies, "copies", 1)
-        self.sigma = _check_positive(sigma, "sigma")
+        self.copies = check_int(copies, "copies", 1)
+        self.sigma = check_positive(sigma, "sigma")
         if not isinstance(antithetic, bool) or not isinstance(baseline, bool):
             raise ValueError(f"antithetic and baseline must be bools, got {antithetic!r}, {baseline!r}")
         if antithetic and copies % 2:

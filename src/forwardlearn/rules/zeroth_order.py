@@ -7,16 +7,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .base import LossFn, Rule, check_finite, register, trainable_parameters
-from .forward_gradient import (
-    BATCHED_LIMIT,
-    Directions,
-    _check_int,
-    _check_positive,
-    accumulate_directions,
-    draw_seeds,
-    flat_view,
-)
+from ..forward_only.directions import Directions, accumulate_directions, draw_seeds, flat_view
+from ..forward_only.forward_mode import BATCHED_LIMIT
+from .base import LossFn, Rule, check_finite, check_int, check_positive, register, trainable_parameters
 
 DIFFERENCES = ("central", "forward")
 
@@ -28,7 +21,7 @@ class ZerothOrderSPSA(Rule):
 
     For each of ``K = directions`` seeds, the perturbation ``z`` over all trained parameters is
     regenerated from the seed whenever it is needed, never stored, and applied in place chunk by chunk
-    (no temporary beyond one chunk of :data:`~forwardlearn.rules.forward_gradient.CHUNK` elements):
+    (no temporary beyond one chunk of :data:`~forwardlearn.forward_only.directions.CHUNK` elements):
 
     - ``central``: ``s = (L(theta + eps z) - L(theta - eps z)) / (2 eps)``: two forwards per direction;
     - ``forward`` (BAFFLE): ``s = (L(theta + eps z) - L(theta)) / eps``: one forward per direction plus
@@ -78,8 +71,8 @@ class ZerothOrderSPSA(Rule):
     def __init__(self, directions: int = 32, eps: float = 1e-3, difference: str = "central",
                  distribution: str = "rademacher", loss: LossFn | None = None, seed: int | None = None) -> None:
         super().__init__(loss=loss, seed=seed)
-        self.directions = _check_int(directions, "directions")
-        self.eps = _check_positive(eps, "eps")
+        self.directions = check_int(directions, "directions")
+        self.eps = check_positive(eps, "eps")
         if difference not in DIFFERENCES:
             raise ValueError(f"difference must be one of {', '.join(DIFFERENCES)}, got {difference!r}")
         self.difference = difference
@@ -150,7 +143,7 @@ class ZerothOrderSPSA(Rule):
         """Small models: all ``K`` perturbed copies of the weights evaluated in one ``vmap``-ed forward pass.
 
         The weights are never touched (the copies are ``theta +- eps z_k``, ``K`` x the weights in memory,
-        used only below :data:`~forwardlearn.rules.forward_gradient.BATCHED_LIMIT`)."""
+        used only below :data:`~forwardlearn.forward_only.forward_mode.BATCHED_LIMIT`)."""
         params = trainable_parameters(model)
         names = {id(p): n for n, p in model.named_parameters()}
         keys = [names[id(p)] for p in params]
@@ -209,7 +202,7 @@ class ZerothOrderSPSA(Rule):
     def fused_apply(self, model: nn.Module, seeds: list[int], scalars: Tensor, lr: float,
                     weight_decay: float = 0.0) -> None:
         """In-place SGD step ``p <- p - lr (mean_k scalars[k] z_k + weight_decay p)``; no ``.grad``."""
-        _check_positive(lr, "lr")
+        check_positive(lr, "lr")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         self._update(model, list(seeds), torch.as_tensor(scalars), lr, weight_decay, None)
@@ -217,7 +210,7 @@ class ZerothOrderSPSA(Rule):
     def fused_step(self, model: nn.Module, inputs: Tensor, targets: Tensor, lr: float,
                    weight_decay: float = 0.0) -> float:
         """``estimate`` + ``fused_apply`` with the last restore folded into the update; returns the loss."""
-        _check_positive(lr, "lr")
+        check_positive(lr, "lr")
         if weight_decay < 0:
             raise ValueError(f"weight_decay must be >= 0, got {weight_decay!r}")
         seeds, scalars, loss, pending = self._estimate(model, inputs, targets, defer_last=True)

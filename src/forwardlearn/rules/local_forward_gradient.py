@@ -1,0 +1,160 @@
+"""Forward gradient with local-loss guesses (Fournier et al. 2023): ``local_forward_gradient``."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from ..forward_only.forward_mode import jvp_loss
+from ..forward_only.local import give_grad
+from .base import LossFn, Rule, accumulate_grad, check_finite, register, trainable_parameters
+
+
+class ChannelPool(nn.Module):
+    """Global average pool per channel of a conv block's output, also after the block flattened it."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        self.channels = channels
+
+    def forward(self, h: Tensor) -> Tensor:
+        # Flatten keeps channel-major order, so (N, C*H*W) -> (N, C, H*W) undoes it
+        return h.reshape(h.shape[0], self.channels, -1).mean(-1)
+
+
+class LocalHeads(nn.Module):
+    """``net`` plus one auxiliary classifier per hidden block; ``forward`` is ``net``'s."""
+
+    def __init__(self, net: nn.Sequential, heads: nn.ModuleList) -> None:
+        super().__init__()
+        self.net = net
+        self.heads = heads
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+def split_blocks(net: nn.Sequential) -> list[list[nn.Module]]:
+    """Blocks of a ``Sequential``: each starts at a layer with parameters and takes the parameter-free
+    layers (activation, pooling) after it; leading parameter-free layers join the first block."""
+    blocks: list[list[nn.Module]] = [[]]
+    seen_param = False
+    for m in net:
+        has = any(p.requires_grad for p in m.parameters())
+        if has and seen_param:
+            blocks.append([])
+        seen_param = seen_param or has
+        blocks[-1].append(m)
+    return blocks
+
+
+@register
+class LocalForwardGradient(Rule):
+    """Forward gradient with local-loss guesses (Fournier, Rivaud, Belilovsky, Eickenberg & Oyallon 2023,
+    Sec. 3-4: the "local" guess with the end-to-end target).
+
+    The model (an ``nn.Sequential``) is cut into blocks, one per layer with parameters plus the
+    parameter-free layers after it. ``attach`` wraps it as :class:`LocalHeads` with one auxiliary
+    linear classifier per hidden block (global-average-pooled first for conv blocks).
+
+    Local computations (reverse mode confined to one block): block ``j`` gets its input *detached*,
+    its auxiliary loss ``a_j = loss(head_j(block_j(x_j)), y)`` is backpropagated through that block and
+    its head only, giving the guess ``G_j = d a_j / d theta_j`` and the head's own gradient (the head
+    is trained on its local loss). The last block's local loss is the global loss itself.
+
+    Global computation (forward mode only): the end-to-end gradient is projected on the guess by
+    forward-mode AD, ``g = (grad L . G / |G|^2) G``: with ``projection="global"`` one JVP along the
+    concatenated guess, with ``projection="block"`` one JVP per block, ``g_j = (grad_j L . G_j /
+    |G_j|^2) G_j``. Not forward-only (``forward_only = False``): the guesses use backprop inside blocks.
+    """
+
+    name: ClassVar[str] = "local_forward_gradient"
+    description: ClassVar[str] = "forward gradient along the gradient of a per-block auxiliary loss"
+    paper: ClassVar[str] = ("Fournier, Rivaud, Belilovsky, Eickenberg & Oyallon 2023, "
+                            "Can Forward Gradient Match Backpropagation?")
+    defaults: ClassVar[dict[str, Any]] = {
+        "optimizer": "adam", "lr": 2e-3, "epochs": 8, "batch_size": 64, "hidden": [128], "model": "mlp",
+    }
+    forward_only: ClassVar[bool] = False
+
+    def __init__(self, projection: str = "global", loss: LossFn | None = None, seed: int | None = None) -> None:
+        super().__init__(loss=loss, seed=seed)
+        if projection not in ("global", "block"):
+            raise ValueError(f"projection must be 'global' or 'block', got {projection!r}")
+        self.projection = projection
+
+    def attach(self, model: nn.Module) -> nn.Module:
+        if isinstance(model, LocalHeads):
+            return model
+        if not isinstance(model, nn.Sequential):
+            raise ValueError(f"{self.name} needs an nn.Sequential model to cut into blocks, got {type(model).__name__}")
+        blocks = split_blocks(model)
+        last = [m for m in model if isinstance(m, nn.Linear)]
+        if not last:
+            raise ValueError(f"{self.name}: the model has no final Linear layer to read the number of classes")
+        classes = last[-1].out_features
+        heads = nn.ModuleList()
+        for block in blocks[:-1]:
+            layer = [m for m in block if any(True for _ in m.parameters())][0]
+            if isinstance(layer, nn.Linear):
+                heads.append(nn.Linear(layer.out_features, classes))
+            elif isinstance(layer, nn.Conv2d):
+                heads.append(nn.Sequential(ChannelPool(layer.out_channels), nn.Linear(layer.out_channels, classes)))
+            else:
+                raise ValueError(f"{self.name}: no auxiliary head for a block starting with {type(layer).__name__}")
+        p = next(model.parameters())
+        heads.to(device=p.device, dtype=p.dtype)
+        return LocalHeads(model, heads)
+
+    def grads(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
+        if not isinstance(model, LocalHeads):
+            raise ValueError(f"{self.name}: call rule.attach(model) first (it adds the auxiliary heads the "
+                             "optimizer must see)")
+        blocks = split_blocks(model.net)
+        net_params = trainable_parameters(model.net)
+        index = {id(p): i for i, p in enumerate(net_params)}
+        guess: dict[int, Tensor] = {}
+        block_of: list[list[int]] = []
+        h = inputs
+        loss = float("nan")
+        for j, block in enumerate(blocks):
+            bparams = [p for m in block for p in m.parameters() if p.requires_grad]
+            with torch.enable_grad():
+                out = h.detach()
+                for m in block:
+                    out = m(out)
+                if j < len(blocks) - 1:
+                    head = model.heads[j]
+                    hparams = trainable_parameters(head)
+                    local = self.loss(head(out), targets)
+                    gs = torch.autograd.grad(local, bparams + hparams, allow_unused=True)
+                    for p, g in zip(hparams, gs[len(bparams):]):
+                        if g is not None:
+                            accumulate_grad(p, g)
+                else:
+                    local = self.loss(out, targets)
+                    loss = check_finite(local.detach(), "loss")
+                    gs = torch.autograd.grad(local, bparams, allow_unused=True)
+            for p, g in zip(bparams, gs[: len(bparams)]):
+                guess[index[id(p)]] = torch.zeros_like(p) if g is None else g.detach()
+            block_of.append([index[id(p)] for p in bparams])
+            h = out.detach()
+        if self.projection == "global":
+            _, d = jvp_loss(model.net, inputs, targets, self.loss, lambda i, p: guess[i])
+            norm2 = sum(float(g.double().pow(2).sum()) for g in guess.values())
+            groups = [(list(guess), d, norm2)]
+        else:
+            groups = []
+            for ids in block_of:
+                chosen = set(ids)
+                _, d = jvp_loss(model.net, inputs, targets, self.loss,
+                                lambda i, p, chosen=chosen: guess[i] if i in chosen else None)
+                groups.append((ids, d, sum(float(guess[i].double().pow(2).sum()) for i in ids)))
+        for ids, d, norm2 in groups:
+            scale = d / norm2 if norm2 > 0 else 0.0
+            for i in ids:
+                give_grad(net_params[i], guess.pop(i).mul_(scale))
+        self.steps += 1
+        return loss
