@@ -103,7 +103,7 @@ class LowRank:
     """Low-rank directions regenerated from integer seeds (see the module docstring).
 
     Layer ``l``'s factors for direction ``seed`` come from a generator seeded with
-    ``mix_seed(seed, 2**40 + l)``, drawn in the order ``U``, ``V``, ``z_b`` (float32, then cast to the
+    ``mix_seed(seed, 2**40 + l)``, drawn as one vector ``[U | V | z_b]`` (float32, then cast to the
     weight's dtype): the same seed gives bit-identical factors on the same machine and torch build.
     """
 
@@ -114,24 +114,35 @@ class LowRank:
         self.rank = rank
         self._gens: dict[torch.device, torch.Generator] = {}
 
-    def _draw(self, n: int, g: torch.Generator, device: torch.device) -> Tensor:
-        t = torch.empty(n, device=device)
-        if self.distribution == "gaussian":
-            return t.normal_(generator=g)
-        return t.bernoulli_(0.5, generator=g).mul_(2.0).sub_(1.0)
-
-    def factors(self, seed: int, l: int, layer: Layer, like: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
-        """``(U / sqrt(r), V, z_b)`` of layer ``l`` for direction ``seed`` (``z_b`` is ``None`` without a bias)."""
+    def stacked(self, seeds: list[int], l: int, layer: Layer,
+                like: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """Layer ``l``'s factors for every seed, stacked: ``U / sqrt(r)`` ``(K, out, r)``, ``V`` ``(K, in, r)`` and
+        ``z_b`` ``(K, out)`` (``None`` without a bias), in ``like``'s dtype and device."""
         device = like.device
         g = self._gens.get(device)
         if g is None:
             g = self._gens[device] = torch.Generator(device=device)
-        g.manual_seed(mix_seed(seed, _LAYER_BASE + l))
-        r = self.rank
-        u = self._draw(layer.out * r, g, device).view(layer.out, r).mul_(1.0 / math.sqrt(r)).to(like.dtype)
-        v = self._draw(layer.inp * r, g, device).view(layer.inp, r).to(like.dtype)
-        zb = self._draw(layer.out, g, device).to(like.dtype) if layer.bias is not None else None
+        r, o, i = self.rank, layer.out, layer.inp
+        n = (o + i) * r + (o if layer.bias is not None else 0)
+        z = torch.empty(len(seeds), n, device=device)  # row k: [U (o r) | V (i r) | z_b (o)] of seeds[k]
+        for k, seed in enumerate(seeds):
+            g.manual_seed(mix_seed(seed, _LAYER_BASE + l))
+            if self.distribution == "gaussian":
+                z[k].normal_(generator=g)
+            else:
+                z[k].bernoulli_(0.5, generator=g)
+        if self.distribution != "gaussian":
+            z.mul_(2.0).sub_(1.0)
+        z = z.to(like.dtype)
+        u = z[:, : o * r].view(-1, o, r).mul_(1.0 / math.sqrt(r))
+        v = z[:, o * r : (o + i) * r].view(-1, i, r)
+        zb = z[:, (o + i) * r :] if layer.bias is not None else None
         return u, v, zb
+
+    def factors(self, seed: int, l: int, layer: Layer, like: Tensor) -> tuple[Tensor, Tensor, Tensor | None]:
+        """``(U / sqrt(r), V, z_b)`` of layer ``l`` for direction ``seed`` (``z_b`` is ``None`` without a bias)."""
+        u, v, zb = self.stacked([seed], l, layer, like)
+        return u[0], v[0], None if zb is None else zb[0]
 
     @contextmanager
     def perturbed(self, p: Plan, params: list[nn.Parameter], seed: int, alpha: float) -> Iterator[None]:
@@ -160,32 +171,29 @@ class LowRank:
         change (parameters or their gradients, in trained-parameter order). Where ``overwrite[i]`` the
         tensor is written, not added to (a fresh buffer: contents and ``decay`` ignored)."""
         fresh = overwrite or [False] * len(params)
+        if not terms:
+            return
+        seeds = [sd for sd, _ in terms]
         for l, layer in enumerate(p.layers):
             w = params[layer.weight]
-            us, vs, bs = [], [], []
-            for seed, a in terms:
-                u, v, zb = self.factors(seed, l, layer, w)
-                us.append(u.mul_(a))
-                vs.append(v)
-                if zb is not None:
-                    bs.append(zb.mul_(a))
-            if not terms:
-                continue
-            u, v = torch.cat(us, 1), torch.cat(vs, 1)
+            u, v, zb = self.stacked(seeds, l, layer, w)
+            a = torch.tensor([a for _, a in terms], dtype=w.dtype, device=w.device)
+            u = (u * a.view(-1, 1, 1)).permute(1, 0, 2).reshape(layer.out, -1)  # (out, K r): alpha_k U_k side by side
+            v = v.permute(1, 0, 2).reshape(layer.inp, -1)
             w2 = w.view(layer.out, layer.inp)
             if fresh[layer.weight]:
                 torch.mm(u, v.T, out=w2)
             else:
                 w2.addmm_(u, v.T, beta=decay)
-            if layer.bias is not None:
+            if layer.bias is not None and zb is not None:
                 b = params[layer.bias]
-                zb = torch.stack(bs).sum(0)
+                zsum = a @ zb
                 if fresh[layer.bias]:
-                    b.copy_(zb)
+                    b.copy_(zsum)
                 else:
                     if decay != 1.0:
                         b.mul_(decay)
-                    b.add_(zb)
+                    b.add_(zsum)
 
 
 def _hook(layer: Layer, u: Tensor, v: Tensor, zb: Tensor | None, alpha: float):  # noqa: ANN202

@@ -139,7 +139,7 @@ class ZerothOrderSPSA(Rule):
         seeds = draw_seeds(self.generator("cpu"), self.directions)
         scalars = torch.empty(len(seeds), dtype=torch.float64)
         eps = self.eps
-        if pl is None and len(seeds) > 1 and len(seeds) * sum(f.numel() for f in flats) <= BATCHED_LIMIT:
+        if len(seeds) > 1 and len(seeds) * sum(p.numel() for p in params) <= BATCHED_LIMIT:
             try:
                 loss = self._batched(model, inputs, targets, seeds, scalars)
                 return seeds, scalars, loss, None
@@ -189,9 +189,17 @@ class ZerothOrderSPSA(Rule):
         keys = [names[id(p)] for p in params]
         numels = [p.numel() for p in params]
         z = tuple(torch.empty((len(seeds), *p.shape), dtype=p.dtype, device=p.device) for p in params)
+        _, pl, _ = self._split(model)
+        rest = list(range(len(params))) if pl is None else pl.rest
         for k, s in enumerate(seeds):
-            for i, a, b, piece in self._dirs.pieces(s, numels, params[0].device):
-                z[i][k].view(-1)[a:b].copy_(piece)
+            for i, a, b, piece in self._dirs.pieces(s, [numels[j] for j in rest], params[0].device):
+                z[rest[i]][k].view(-1)[a:b].copy_(piece)
+        if pl is not None and self._lowrank is not None:
+            for l, layer in enumerate(pl.layers):  # Z_k = U_k V_k^T / sqrt(r) for all k at once
+                u, v, zb = self._lowrank.stacked(seeds, l, layer, params[layer.weight])
+                torch.bmm(u, v.transpose(1, 2), out=z[layer.weight].view(len(seeds), layer.out, layer.inp))
+                if zb is not None and layer.bias is not None:
+                    z[layer.bias].copy_(zb)
 
         def loss_at(*ws: Tensor) -> Tensor:
             out = torch.func.functional_call(model, dict(zip(keys, ws)), (inputs,))
