@@ -111,6 +111,16 @@ def cost_markdown(result: dict[str, Any], images: bool = True, image_prefix: str
     return "\n".join(out) + "\n"
 
 
+def _sweep_line(b: dict[str, Any]) -> list[str]:
+    """The machine's cost of one seeded perturbation sweep over all weights (why full-perturbation rows move)."""
+    if b.get("rademacher_sweep_vs_forward") is None:
+        return []
+    rad, gau = _f(b.get("rademacher_sweep_vs_forward"), ".2f"), _f(b.get("gaussian_sweep_vs_forward"), ".2f")
+    return [f"One seeded perturbation sweep over all weights on this machine: Rademacher {rad}, Gaussian {gau} x "
+            "the forward pass (a full-perturbation `zo_spsa` fused step makes three sweeps, the low-rank one none).",
+            ""]
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
@@ -126,6 +136,7 @@ def arch_markdown(arch: dict[str, Any], samples: int | None) -> list[str]:
         f"peak memory above the process baseline: inference {_mb(b['inference_peak_bytes'])} MB, backprop step "
         f"{_mb(b['backprop_peak_bytes'])} MB.",
         "",
+        *_sweep_line(b),
         f"| rule | forward-only | step / forward | step / backprop | peak MB | memory / inference | memory / backprop "
         f"| cosine | cosine of mean of {n} | parity: checkpoint segments | step / checkpointed step at parity |",
         "|---|:-:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",

@@ -199,6 +199,7 @@ class LowRank:
 def _hook(layer: Layer, u: Tensor, v: Tensor, zb: Tensor | None, alpha: float):  # noqa: ANN202
     conv = isinstance(layer.module, nn.Conv2d)
     kernels = v.T.reshape(v.shape[1], *layer.module.weight.shape[1:]) if conv else None
+    ub = u if zb is None or conv else torch.cat([u, zb[:, None]], 1)  # Linear: the bias as one more column
 
     def hook(m: nn.Module, args: tuple, out: Tensor) -> Tensor:
         layer.calls += 1
@@ -213,14 +214,14 @@ def _hook(layer: Layer, u: Tensor, v: Tensor, zb: Tensor | None, alpha: float): 
             if zb is not None:
                 out.add_(zb.view(-1, 1, 1), alpha=alpha)
             return out
-        xv = x.reshape(-1, layer.inp) @ v  # (N, r): the input projected on V
-        xv.mul_(alpha)
-        if out.is_contiguous():
-            out.view(-1, layer.out).addmm_(xv, u.T)
+        x2 = x.reshape(-1, layer.inp)
+        xv = torch.full((x2.shape[0], ub.shape[1]), alpha, dtype=out.dtype, device=out.device)
+        xv[:, : v.shape[1]] = x2 @ v  # (N, r [+ 1]): the input projected on V [and a column of ones]
+        xv[:, : v.shape[1]].mul_(alpha)
+        if out.is_contiguous():  # one rank-(r + 1) product adds both alpha U V^T x / sqrt(r) and alpha z_b
+            out.view(-1, layer.out).addmm_(xv, ub.T)
         else:
-            out = out + (xv @ u.T).view_as(out)
-        if zb is not None:
-            out.add_(zb, alpha=alpha)
+            out = out + (xv @ ub.T).view_as(out)
         return out
 
     return hook
