@@ -275,3 +275,23 @@ def test_a_layer_whose_forward_is_bypassed_is_an_error():
 def test_bad_options_name_the_option(bad, name):
     with pytest.raises(ValueError, match=name):
         fl.get_rule("zo_spsa", **bad)
+
+
+def test_a_layer_called_with_a_keyword_input_is_perturbed(monkeypatch):
+    monkeypatch.setattr(zo, "BATCHED_LIMIT", 0)
+
+    class Keyword(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.lin(input=x)
+
+    torch.manual_seed(0)
+    model = Keyword().double()
+    x, y = torch.randn(5, 4, dtype=torch.float64), torch.tensor([0, 1, 2, 0, 1])
+    rule = fl.get_rule("zo_spsa", directions=1, eps=1e-6, seed=0, **LOWRANK)
+    seeds, scalars, _ = rule.estimate(model, x, y)
+    g, z = _true_grad(model, x, y), _directions(rule, model, seeds)[0]
+    assert float(scalars[0]) == pytest.approx(float(_flat(g) @ _flat(z)), rel=1e-7)

@@ -153,7 +153,7 @@ class LowRank:
         for l, layer in enumerate(p.layers):
             u, v, zb = self.factors(seed, l, layer, params[layer.weight])
             layer.calls = 0
-            handles.append(layer.module.register_forward_hook(_hook(layer, u, v, zb, alpha)))
+            handles.append(layer.module.register_forward_hook(_hook(layer, u, v, zb, alpha), with_kwargs=True))
         try:
             yield
         finally:
@@ -201,9 +201,9 @@ def _hook(layer: Layer, u: Tensor, v: Tensor, zb: Tensor | None, alpha: float): 
     kernels = v.T.reshape(v.shape[1], *layer.module.weight.shape[1:]) if conv else None
     ub = u if zb is None or conv else torch.cat([u, zb[:, None]], 1)  # Linear: the bias as one more column
 
-    def hook(m: nn.Module, args: tuple, out: Tensor) -> Tensor:
+    def hook(m: nn.Module, args: tuple, kwargs: dict, out: Tensor) -> Tensor:
         layer.calls += 1
-        x = args[0]
+        x = args[0] if args else next(iter(kwargs.values()))  # the input, also when passed by keyword
         if conv:
             y = m._conv_forward(x, kernels, None).mul_(alpha)  # (B, r, H', W'): x against the r kernels V
             if out.is_contiguous() and out.dim() == 4:
