@@ -60,7 +60,8 @@ class ZerothOrderSPSA(Rule):
     layer's parameters: a forward hook adds ``eps (U (V^T x) / sqrt(r) + z_b)`` to the layer's output
     (:mod:`forwardlearn.forward_only.lowrank`), and the update is one rank-``K r`` ``addmm_`` per matrix with the
     weight decay folded in, so a fused step is two forwards plus one pass over the weights (the full
-    perturbation: two forwards plus three sweeps of random numbers). Always evaluated in place (no ``vmap``).
+    perturbation: two forwards plus three sweeps of random numbers). Small models take the ``vmap`` path
+    below with the same directions formed densely (scalars equal up to rounding).
 
     ``loss`` returned: central, the mean of ``(L+ + L-)/2`` over directions (``L(theta) + O(eps^2)``);
     forward, the unperturbed loss.
