@@ -330,3 +330,16 @@ def test_rank_one_forward_gradient_inside_the_layer_is_the_directional_derivativ
     v = [p.grad.clone() for p in model.parameters()]
     # float64 forward-mode: equal to the autograd dot product up to rounding
     assert float(d[0]) == pytest.approx(float(_flat(_true_grad(model, x, y)) @ _flat(v)), rel=1e-10)
+
+
+def test_fused_apply_is_sgd_without_grad():
+    model, x, y = _cnn()
+    a, b = copy.deepcopy(model), copy.deepcopy(model)
+    rule = fl.get_rule("zo_spsa", directions=2, seed=1, **LOWRANK)
+    seeds, scalars, _ = rule.estimate(a, x, y)
+    rule.fused_apply(a, seeds, scalars, lr=0.1, weight_decay=0.01)
+    rule.apply(b, seeds, scalars)
+    torch.optim.SGD(b.parameters(), lr=0.1, weight_decay=0.01).step()
+    assert all(p.grad is None for p in a.parameters())
+    for p, q in zip(a.parameters(), b.parameters()):  # float64: the order of roundings differs, 1e-15 relative
+        torch.testing.assert_close(p, q, rtol=0.0, atol=1e-14)
