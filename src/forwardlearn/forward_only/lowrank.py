@@ -200,6 +200,7 @@ def _hook(layer: Layer, u: Tensor, v: Tensor, zb: Tensor | None, alpha: float): 
     conv = isinstance(layer.module, nn.Conv2d)
     kernels = v.T.reshape(v.shape[1], *layer.module.weight.shape[1:]) if conv else None
     ub = u if zb is None or conv else torch.cat([u, zb[:, None]], 1)  # Linear: the bias as one more column
+    va = v * alpha
 
     def hook(m: nn.Module, args: tuple, kwargs: dict, out: Tensor) -> Tensor:
         layer.calls += 1
@@ -215,9 +216,9 @@ def _hook(layer: Layer, u: Tensor, v: Tensor, zb: Tensor | None, alpha: float): 
                 out.add_(zb.view(-1, 1, 1), alpha=alpha)
             return out
         x2 = x.reshape(-1, layer.inp)
-        xv = torch.full((x2.shape[0], ub.shape[1]), alpha, dtype=out.dtype, device=out.device)
-        xv[:, : v.shape[1]] = x2 @ v  # (N, r [+ 1]): the input projected on V [and a column of ones]
-        xv[:, : v.shape[1]].mul_(alpha)
+        xv = x2 @ va  # (N, r): alpha times the input projected on V [then a column of alpha for the bias]
+        if ub.shape[1] > va.shape[1]:
+            xv = torch.cat([xv, xv.new_full((xv.shape[0], 1), alpha)], 1)
         if out.is_contiguous():  # one rank-(r + 1) product adds both alpha U V^T x / sqrt(r) and alpha z_b
             out.view(-1, layer.out).addmm_(xv, ub.T)
         else:
