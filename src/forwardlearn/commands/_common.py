@@ -21,13 +21,21 @@ def parse_hidden(text: str | None) -> list[int] | None:
     return widths
 
 
-def parse_options(items: list[str] | None) -> dict[str, Any]:
-    """``["directions=4", "eps=1e-3", "variant=usf"]`` -> a dict, values read as Python literals when they are."""
+#: rule keywords that a verb sets from its own flag; in ``--opt`` they would reach the rule twice
+RESERVED_OPTIONS: dict[str, str] = {"seed": "--seed"}
+
+
+def parse_options(items: list[str] | None, reserved: dict[str, str] = RESERVED_OPTIONS) -> dict[str, Any]:
+    """``["directions=4", "eps=1e-3", "variant=usf"]`` -> a dict, values read as Python literals when they are.
+
+    A key of ``reserved`` (keyword -> the flag that sets it) raises ``ValueError`` naming that flag."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--opt takes KEY=VALUE, got {item!r}")
+        if key in reserved:
+            raise ValueError(f"--opt {item}: {key!r} is set by {reserved[key]}, not by --opt")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -66,6 +74,13 @@ def run_directory(args: argparse.Namespace, resume: bool) -> Path:
     return out
 
 
+def check_data_kind(rule_cls: type, data_name: str) -> None:
+    """Refuse a rule that needs another kind of data than the tensor data sets the training verbs load."""
+    if rule_cls.data_kind != "tensor":
+        raise ValueError(f"rule {rule_cls.name!r} needs {rule_cls.data_kind} data, not the {data_name!r} data set "
+                         f"(this verb trains on tensor data sets only)")
+
+
 def check_resume(out: Path, cfg: dict[str, Any], keys: tuple[str, ...]) -> None:
     """Refuse to resume ``out`` when one of ``keys`` of ``cfg`` differs from the setting its checkpoint was
     trained with (more ``epochs`` is fine: that is what resuming is for)."""
@@ -74,7 +89,10 @@ def check_resume(out: Path, cfg: dict[str, Any], keys: tuple[str, ...]) -> None:
     path = out / "checkpoint.pt"
     if not path.exists():
         return
-    old = torch.load(path, map_location="cpu", weights_only=True).get("config", {})
+    try:
+        old = torch.load(path, map_location="cpu", weights_only=True).get("config", {})
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign bytes: say which file
+        raise ValueError(f"{path}: not a readable forwardlearn checkpoint ({type(e).__name__}: {e})") from None
     changed = [k for k in keys if k in old and old[k] != cfg[k]]
     if changed:
         raise ValueError(f"resuming {out} with settings that differ from its checkpoint: {', '.join(changed)}")

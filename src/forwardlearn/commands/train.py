@@ -8,6 +8,7 @@ import json
 from ._common import (
     RESUME_KEYS,
     add_common,
+    check_data_kind,
     check_resume,
     parse_hidden,
     parse_options,
@@ -46,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import data, models
-    from ..rules import get_rule, trainable_parameters
+    from ..rules import build_rule, rule_class, trainable_parameters
     from ..train import Trainer, make_optimizer, resolve_device
 
     if args.threads:
@@ -57,7 +58,8 @@ def run(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     out = run_directory(args, args.resume)
     torch.manual_seed(args.seed)
-    rule = get_rule(args.rule, seed=args.seed, **options)
+    check_data_kind(rule_class(args.rule), args.data)
+    rule = build_rule(args.rule, args.seed, options, "--opt")
     cfg = {**training_config(args, type(rule).defaults, hidden), "options": {k: repr(v) for k, v in options.items()}}
     if args.resume:
         check_resume(out, cfg, (*RESUME_KEYS, "options"))

@@ -25,14 +25,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from ..cli import error_line
     from .trainer import train_distributed
 
     args = build_parser().parse_args(argv)
     try:
         return train_distributed(args)
     except (ValueError, RuntimeError, OSError) as e:
-        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
-        print(f"forwardlearn: error: {msg}", file=sys.stderr)
+        print(error_line(e), file=sys.stderr)
         return 2
 
 

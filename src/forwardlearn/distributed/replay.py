@@ -96,8 +96,11 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
         line = f.readline()
         try:
             header = json.loads(line)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: unreadable header ({e})") from None
+        d = header.get("directions_per_step") if isinstance(header, dict) else None
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1 or not isinstance(header.get("config"), dict):
+            raise ValueError(f"{path}: header lacks a positive directions_per_step or a config table")
         return header, f.tell()
 
 
@@ -129,10 +132,10 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, float, list[int
 def build_from_config(cfg: dict[str, Any]) -> tuple[nn.Module, Any, torch.optim.Optimizer]:
     """Model, rule and optimizer as the run that wrote ``cfg`` built them (before loading any state)."""
     from .. import models
-    from ..rules import get_rule, trainable_parameters
+    from ..rules import build_rule, trainable_parameters
     from ..train import make_optimizer
 
-    rule = get_rule(cfg["rule"], seed=int(cfg.get("seed", 0)), **cfg.get("rule_options", {}))
+    rule = build_rule(cfg["rule"], int(cfg.get("seed", 0)), cfg.get("rule_options", {}), "the log's rule_options")
     model = models.build(cfg["model"], tuple(cfg["shape"]), int(cfg["classes"]), cfg["hidden"] or None,
                          cfg.get("activation", "relu"))
     model = rule.attach(model)
@@ -146,13 +149,19 @@ def replay(base: str | os.PathLike, log: str | os.PathLike, steps: int | None = 
     Returns ``(model, steps replayed)``.
     """
     header, _ = read_header(log)
-    state = torch.load(base, map_location="cpu", weights_only=True)
-    cfg = state.get("config") or header["config"]
-    model, rule, optimizer = build_from_config(cfg)
-    if not hasattr(rule, "apply"):
-        raise ValueError(f"rule {cfg['rule']!r} has no seed-and-scalar apply; cannot replay")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        state = torch.load(base, map_location="cpu", weights_only=True)
+        cfg = state.get("config") or header["config"]
+    except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign bytes: say which file
+        raise ValueError(f"{base}: not a readable base checkpoint ({type(e).__name__}: {e})") from None
+    try:
+        model, rule, optimizer = build_from_config(cfg)
+        if not hasattr(rule, "apply"):
+            raise ValueError(f"rule {cfg['rule']!r} has no seed-and-scalar apply; cannot replay")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, TypeError, AttributeError) as e:  # a foreign file that torch could read
+        raise ValueError(f"{base}: not the base checkpoint of a forwardlearn run ({type(e).__name__}: {e})") from None
     done = 0
     for step, lr, seeds, scalars in read_records(log):
         if steps is not None and step > steps:

@@ -341,7 +341,13 @@ class SeedScalarTrainer:
         path = self.out_dir / CHECKPOINT
         if not path.exists():
             return False
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign bytes: say which file
+            raise ValueError(f"{path}: not a readable forwardlearn checkpoint ({type(e).__name__}: {e})") from None
+        keys = ("model", "optimizer", "rule", "epoch", "step_in_epoch", "global_step", "history")
+        if not isinstance(state, dict) or any(k not in state for k in keys):
+            raise ValueError(f"{path}: not a checkpoint of a seed-and-scalar run (it lacks {', '.join(keys)})")
         if int(state.get("world_size", self.world_size)) != self.world_size:
             raise ValueError(f"{path} was written by a {state['world_size']}-rank run; this run has "
                              f"{self.world_size} ranks and would draw different seeds and shards")
@@ -517,13 +523,14 @@ def train_distributed(args: argparse.Namespace) -> int:
     from .. import data, models
     from ..commands._common import (
         RESUME_KEYS,
+        check_data_kind,
         check_resume,
         parse_hidden,
         parse_options,
         run_directory,
         training_config,
     )
-    from ..rules import get_rule
+    from ..rules import build_rule, rule_class
     from ..train import make_optimizer, resolve_device
 
     if args.threads:
@@ -531,6 +538,7 @@ def train_distributed(args: argparse.Namespace) -> int:
     hidden = parse_hidden(args.hidden)
     options = parse_options(args.opt)
     spec = data.info(args.data)
+    check_data_kind(rule_class(args.rule), args.data)
     device = resolve_device(args.device)
     created = False
     if getattr(args, "distributed", False):
@@ -541,7 +549,7 @@ def train_distributed(args: argparse.Namespace) -> int:
         resume = args.resume or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
         out = run_directory(args, resume)  # checked on every rank, so that all of them stop
         torch.manual_seed(args.seed)
-        rule = get_rule(args.rule, seed=args.seed, **options)
+        rule = build_rule(args.rule, args.seed, options, "--opt")
         d = type(rule).defaults
         cfg = {
             **training_config(args, d, hidden),

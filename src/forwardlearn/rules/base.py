@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -84,7 +84,29 @@ def get_rule(name: str, **options: Any) -> Rule:
             f"unknown option(s) {', '.join(unknown)} for rule {name!r}; valid options: "
             f"{', '.join(sorted(valid)) or '(none)'}"
         )
-    return cls(**options)
+    try:
+        return cls(**options)
+    except ValueError as e:  # the rule's own check: say which rule refused the value
+        if name in str(e):
+            raise
+        raise ValueError(f"rule {name!r}: {e}") from None
+
+
+#: keywords every rule takes that a run sets itself (its seed); a stored option set must not repeat them
+RESERVED_OPTIONS: tuple[str, ...] = ("seed",)
+
+
+def build_rule(name: str, seed: int | None, options: Mapping[str, Any] | None = None, where: str = "options") -> Rule:
+    """``get_rule(name, seed=seed, **options)`` for option sets read from a flag or a file.
+
+    A reserved key (``seed``) inside ``options`` raises ``ValueError`` naming it and ``where`` it came from,
+    instead of reaching the rule's constructor twice.
+    """
+    options = dict(options or {})
+    clash = [k for k in RESERVED_OPTIONS if k in options]
+    if clash:
+        raise ValueError(f"{where}: {', '.join(clash)} is set by the run itself, not as a rule option of {name!r}")
+    return get_rule(name, seed=seed, **options)
 
 
 def accumulate_grad(param: Tensor, grad: Tensor) -> None:
