@@ -177,6 +177,10 @@ class Rule:
     }
     #: True for rules that never run a reverse-mode pass across the network
     forward_only: ClassVar[bool] = False
+    #: what runs in reverse (the README's "backward pass" column): "none" (never backward() or autograd.grad;
+    #: ``forward_only``), "local" (autograd only inside one layer or block on its own local objective),
+    #: "feedback" (a backward pass through feedback matrices instead of W^T) or "global" (backprop)
+    backward: ClassVar[str] = "global"
     #: what ``inputs`` are: "tensor" (a batch of examples) or "graph" (see ``forwardlearn.data.graphs``)
     data_kind: ClassVar[str] = "tensor"
 

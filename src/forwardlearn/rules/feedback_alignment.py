@@ -497,6 +497,7 @@ class FeedbackAlignment(_LayerFeedbackRule):
     """
 
     name: ClassVar[str] = "fa"
+    backward: ClassVar[str] = "feedback"
     description: ClassVar[str] = "feedback alignment: the error flows back through fixed random matrices"
     paper: ClassVar[str] = ("Lillicrap, Cownden, Tweed & Akerman 2016, Random synaptic feedback weights support "
                             "error backpropagation for deep learning, Nat. Commun. 7:13276")
@@ -523,6 +524,7 @@ class SignSymmetry(_LayerFeedbackRule):
     """
 
     name: ClassVar[str] = "sign_symmetry"
+    backward: ClassVar[str] = "feedback"
     description: ClassVar[str] = "sign symmetry: feedback with the signs of W (variants usf, brsf, frsf)"
     paper: ClassVar[str] = ("Liao, Leibo & Poggio 2016, How important is weight symmetry in backpropagation?, AAAI; "
                             "Moskovitz, Litwin-Kumar & Abbott 2018, Feedback alignment in deep convolutional networks")
@@ -564,6 +566,7 @@ class ProductFeedbackAlignment(_LayerFeedbackRule):
     """
 
     name: ClassVar[str] = "pfa"
+    backward: ClassVar[str] = "feedback"
     description: ClassVar[str] = "product feedback alignment: feedback through a fixed B and a learned R"
     paper: ClassVar[str] = "Li & Benna 2024, Deep Learning without Weight Symmetry, arXiv:2405.20594"
     defaults: ClassVar[dict[str, Any]] = {
@@ -623,6 +626,7 @@ class DFA(_TrackedFeedback):
     """
 
     name: ClassVar[str] = "dfa"
+    backward: ClassVar[str] = "local"
     description: ClassVar[str] = "direct feedback alignment: the output error sent to each layer by fixed random maps"
     paper: ClassVar[str] = ("Nøkland 2016, Direct Feedback Alignment Provides Learning in Deep Neural Networks, "
                             "NeurIPS")

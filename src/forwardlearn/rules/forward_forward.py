@@ -219,6 +219,7 @@ class ForwardForward(Rule):
     """
 
     name: ClassVar[str] = "ff"
+    backward: ClassVar[str] = "local"
     description: ClassVar[str] = "Forward-Forward: per-layer logistic goodness loss, positive vs wrong-label data"
     paper: ClassVar[str] = "Hinton 2022, The Forward-Forward Algorithm: Some Preliminary Investigations"
     defaults: ClassVar[dict[str, Any]] = {
@@ -502,6 +503,7 @@ class CollaborativeForwardForward(ForwardForward):
     """
 
     name: ClassVar[str] = "cff"
+    backward: ClassVar[str] = "local"
     description: ClassVar[str] = "collaborative Forward-Forward: each layer's loss uses the whole net's goodness"
     paper: ClassVar[str] = (
         "Lorberbom, Gat, Adi, Schwing & Hazan 2024 (AAAI), Layer Collaboration in the Forward-Forward Algorithm"

@@ -70,6 +70,7 @@ class ForwardGradient(Rule):
     """
 
     name: ClassVar[str] = "forward_gradient"
+    backward: ClassVar[str] = "none"
     description: ClassVar[str] = "forward gradient: (grad . v) v from forward-mode AD along random weight tangents"
     paper: ClassVar[str] = "Baydin, Pearlmutter, Syme, Wood & Torr 2022, Gradients without Backpropagation"
     #: digits: the estimator's variance grows with the number of weights, hence a narrow net and K = 32
@@ -237,6 +238,7 @@ class ActivityForwardGradient(Rule):
     """
 
     name: ClassVar[str] = "activity_forward_gradient"
+    backward: ClassVar[str] = "none"
     description: ClassVar[str] = "forward gradient with tangents on layer outputs, weights updated from local inputs"
     paper: ClassVar[str] = "Ren, Kornblith, Liao & Hinton 2022, Scaling Forward Gradient With Local Losses"
     defaults: ClassVar[dict[str, Any]] = {

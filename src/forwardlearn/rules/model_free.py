@@ -35,6 +35,7 @@ MLP is trained the same way (forward-forward without physical layers).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -95,6 +96,7 @@ class ModelFreeForwardForward(Rule):
     """
 
     name: ClassVar[str] = "model_free_ff"
+    backward: ClassVar[str] = "local"
     description: ClassVar[str] = ("forward-forward training of digital layers between black-box physical layers, "
                                   "no model of the physics")
     paper: ClassVar[str] = ("Momeni, Rahmani, Mallejac, del Hougne & Fleury 2023, Backpropagation-free training of "
@@ -127,6 +129,8 @@ class ModelFreeForwardForward(Rule):
         self.label_scale = float(label_scale)
         self.patterns: Tensor | None = None
         self.classes = classes or 0
+        #: ``hook(k, loss_k) -> loss_k`` applied to block ``k``'s local loss before its gradient (locality tests)
+        self.local_loss_hook: Callable[[int, Tensor], Tensor] | None = None
 
     @classmethod
     def default_model(cls, shape: tuple[int, ...], classes: int) -> nn.Module:
@@ -196,6 +200,8 @@ class ModelFreeForwardForward(Rule):
                 if act is not None:
                     out = act(out)
                 loss = self._local_loss(self._goodness(i, out), n)
+                if self.local_loss_hook is not None:
+                    loss = self.local_loss_hook(i, loss)
                 for p, gr in zip(params, torch.autograd.grad(loss, params)):
                     accumulate_grad(p, gr)
             total += check_finite(loss.detach(), f"local loss of block {i}")
