@@ -219,6 +219,11 @@ class Rule:
         """Class scores ``(N, C)``. Default: ``model(inputs)``."""
         return model(inputs)
 
+    def untrained(self, model: nn.Module) -> set[str]:
+        """Names (as in ``model.named_parameters()``) of trainable parameters of the attached ``model`` that
+        :meth:`grads` leaves without ``.grad`` by design, each documented by the rule. Default: none."""
+        return set()
+
     def state_dict(self) -> dict[str, Any]:
         """All rule state as tensors and plain values (loadable with ``weights_only=True``)."""
         return {

@@ -602,6 +602,12 @@ class ProductFeedbackAlignment(_LayerFeedbackRule):
         r = self._uniform(r_shape, -a, a, w) if saved is None else torch.zeros(r_shape, device=w.device, dtype=w.dtype)
         m.feedback_r = nn.Parameter(r)
 
+    def untrained(self, model: nn.Module) -> set[str]:
+        """``R`` of the first layer: that layer sends no error below, so its ``R`` carries no feedback and gets
+        no gradient."""
+        first = next(feedback_layers(model), None)
+        return {f"{first[0]}.feedback_r"} if first is not None else set()
+
     def _after_backward(self, model: nn.Module) -> None:
         if self.weight_decay == 0:
             return

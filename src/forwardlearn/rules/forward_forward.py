@@ -487,6 +487,13 @@ class ForwardForward(Rule):
         super().load_state_dict(state)
         self.peer_means = [m.clone() for m in state.get("peer_means", [])]
 
+    def untrained(self, model: nn.Module) -> set[str]:
+        """The MLP's final ``Linear``: Forward-Forward predicts from the layers' goodness, not from it (the
+        optional read-out is a separate module, ``ff_readout``, which is trained)."""
+        self.blocks(model)
+        own = {id(p) for p in self._walk[2].parameters(recurse=False)}
+        return {n for n, p in model.named_parameters() if id(p) in own}
+
     def predict(self, model: nn.Module, inputs: Tensor) -> Tensor:
         if self.predict_by == "readout":
             with torch.no_grad():

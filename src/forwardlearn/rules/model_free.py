@@ -134,10 +134,15 @@ class ModelFreeForwardForward(Rule):
 
     @classmethod
     def default_model(cls, shape: tuple[int, ...], classes: int) -> nn.Module:
-        """A simulated optical front end (256 outputs, noise 0.01) followed by ``defaults["hidden"]`` digital layers."""
+        """A simulated optical front end (256 outputs, noise 0.01) followed by ``defaults["hidden"]`` digital layers.
+
+        The network records ``classes`` (attribute ``classes``), so that predictions have a column for every
+        class even before a batch has shown the highest label."""
         from ..physical import physical_network
 
-        return physical_network(math.prod(shape), cls.defaults["hidden"], 256, every_layer=False)
+        net = physical_network(math.prod(shape), cls.defaults["hidden"], 256, every_layer=False)
+        net.classes = classes
+        return net
 
     # --- helpers ------------------------------------------------------------------------------
     def _patterns(self, features: int, classes: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -185,7 +190,7 @@ class ModelFreeForwardForward(Rule):
         blocks = blocks_of(model)
         x = inputs.flatten(1)
         n = x.shape[0]
-        self.classes = classes = max(self.classes, int(targets.max()) + 1)
+        self.classes = classes = max(self.classes, int(getattr(model, "classes", 0)), int(targets.max()) + 1)
         E = self._patterns(x.shape[1], classes, x.device, x.dtype)
         g = self.generator(x.device)
         wrong = (targets + torch.randint(1, classes, (n,), generator=g, device=x.device)) % classes
@@ -214,7 +219,7 @@ class ModelFreeForwardForward(Rule):
         """Goodness summed over the blocks, for every candidate label: scores ``(N, C)``."""
         blocks = blocks_of(model)
         x = inputs.flatten(1)
-        classes = self.classes
+        classes = max(self.classes, int(getattr(model, "classes", 0)))
         if classes < 2:
             raise ValueError("model_free_ff cannot predict before it has been trained (or given classes=)")
         E = self._patterns(x.shape[1], classes, x.device, x.dtype)
