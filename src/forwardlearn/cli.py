@@ -46,7 +46,8 @@ def _raising_rule(e: BaseException) -> str | None:
     base = sys.modules.get("forwardlearn.rules.base")
     if base is None:  # no rule was ever imported, so none raised
         return None
-    name, tb = None, e.__traceback__
+    name: str | None = None
+    tb = e.__traceback__
     while tb is not None:
         code = tb.tb_frame.f_code
         first = code.co_varnames[0] if code.co_argcount else ""
@@ -61,7 +62,7 @@ def error_line(e: BaseException) -> str:
     """``e`` as the one stderr line of a failed command: its first line, prefixed with the rule that raised it."""
     msg = str(e).splitlines()[0] if str(e) else type(e).__name__
     rule = _raising_rule(e)
-    if rule and rule not in msg:
+    if rule and not sys.modules["forwardlearn.rules.base"].names_rule(rule, msg):
         msg = f"rule {rule!r}: {msg}"
     return f"forwardlearn: error: {msg}"
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any, ClassVar
 
@@ -87,9 +88,14 @@ def get_rule(name: str, **options: Any) -> Rule:
     try:
         return cls(**options)
     except ValueError as e:  # the rule's own check: say which rule refused the value
-        if name in str(e):
+        if names_rule(name, str(e)):
             raise
         raise ValueError(f"rule {name!r}: {e}") from None
+
+
+def names_rule(name: str, text: str) -> bool:
+    """Whether ``text`` mentions rule ``name`` as a word (``ff`` in "ff: ..." but not in "off" or "ff_conv")."""
+    return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text) is not None
 
 
 #: keywords every rule takes that a run sets itself (its seed); a stored option set must not repeat them
