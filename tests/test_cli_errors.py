@@ -160,6 +160,11 @@ def _cases() -> list[Case]:
         # a learning rate that makes the loss non-finite: stopped before the weights or a checkpoint are touched
         ("train-nan-lr", None, lambda r, t: (["train", "--rule", "backprop", *SMALL, "--lr", "1e30", "--out",
                                               str(t / "o")], t / "o"), "non-finite"),
+        ("fed-nan-lr", None, lambda r, t: (["fed", "--rule", "zo_spsa", "--rounds", "3", "--lr", "1e30", "--out",
+                                            str(t / "o")], t / "o"), "rule 'zo_spsa': non-finite"),
+        # an error a rule raises (here from attach) names the rule
+        ("train-rule-error-names-the-rule", None, lambda r, t: (["train", "--rule", "ff", "--model", "cnn", *SMALL,
+                                                                 "--out", str(t / "o")], t / "o"), "rule 'ff'"),
     ]
     for bad in CHECKPOINTS:
         c += [
