@@ -230,7 +230,7 @@ def train_run(spec: dict[str, Any], run_dir: Path, data: tuple[Any, Any], shape:
     import torch
 
     from ..rules import get_rule, trainable_parameters
-    from ..train import Trainer, make_optimizer
+    from ..training import Trainer, make_optimizer
 
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_path = run_dir / "spec.json"
@@ -264,7 +264,7 @@ def run_suite(suite: dict[str, Any], results: Path, work: Path, *, device: str =
     import torch
 
     from .. import data as fldata
-    from ..train import resolve_device
+    from ..training import resolve_device
     from .report import accuracy_markdown, plot_time_to_accuracy, write_json
 
     if threads is not None:

@@ -69,12 +69,12 @@ def run_directory(args: argparse.Namespace, resume: bool) -> Path:
 def check_resume(out: Path, cfg: dict[str, Any], keys: tuple[str, ...]) -> None:
     """Refuse to resume ``out`` when one of ``keys`` of ``cfg`` differs from the setting its checkpoint was
     trained with (more ``epochs`` is fine: that is what resuming is for)."""
-    import torch
+    from ..training.checkpoint import read_config
 
     path = out / "checkpoint.pt"
     if not path.exists():
         return
-    old = torch.load(path, map_location="cpu", weights_only=True).get("config", {})
+    old = read_config(path)
     changed = [k for k in keys if k in old and old[k] != cfg[k]]
     if changed:
         raise ValueError(f"resuming {out} with settings that differ from its checkpoint: {', '.join(changed)}")

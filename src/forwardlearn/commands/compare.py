@@ -107,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
     from ..bench.memory import peak_memory, train_step_peak
     from ..diagnostics import gradient_alignment
     from ..rules import get_rule, rule_class
-    from ..train import resolve_device, train
+    from ..training import resolve_device, train
 
     torch.set_num_threads(args.threads or 1)  # small models: one thread is fastest and least disturbed by load
     names = select_rules(args.rules)

@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import data as fldata
     from ..models.harsanyi import HarsanyiNet
     from ..rules import get_rule
-    from ..train import accuracy, resolve_device, train
+    from ..training import accuracy, resolve_device, train
 
     spec = fldata.info(args.data)
     form = "mlp" if len(spec.shape) == 1 else "cnn"

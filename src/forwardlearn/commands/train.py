@@ -47,7 +47,7 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import data, models
     from ..rules import get_rule, trainable_parameters
-    from ..train import Trainer, make_optimizer, resolve_device
+    from ..training import Trainer, make_optimizer, resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..forward_only.directions import draw_seeds
 from ..rules.base import Rule, trainable_parameters
-from ..train import accuracy, make_optimizer
+from ..training import accuracy, make_optimizer
 from .wire import checksum, stream_seed
 
 

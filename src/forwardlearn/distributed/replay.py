@@ -130,7 +130,7 @@ def build_from_config(cfg: dict[str, Any]) -> tuple[nn.Module, Any, torch.optim.
     """Model, rule and optimizer as the run that wrote ``cfg`` built them (before loading any state)."""
     from .. import models
     from ..rules import get_rule, trainable_parameters
-    from ..train import make_optimizer
+    from ..training import make_optimizer
 
     rule = get_rule(cfg["rule"], seed=int(cfg.get("seed", 0)), **cfg.get("rule_options", {}))
     model = models.build(cfg["model"], tuple(cfg["shape"]), int(cfg["classes"]), cfg["hidden"] or None,

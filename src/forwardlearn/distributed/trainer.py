@@ -39,7 +39,7 @@ from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
 from ..rules.base import Rule, trainable_parameters
-from ..train import History, _atomic_save, _atomic_write_text, accuracy
+from ..training import History, accuracy, atomic_save, atomic_write_text
 from .replay import UpdateLog
 from .wire import (
     STATUS_FAILED,
@@ -331,8 +331,8 @@ class SeedScalarTrainer:
             return
         if self.log is not None:
             self.log.flush()
-        _atomic_save(self.state_dict(), self.out_dir / CHECKPOINT)
-        _atomic_write_text("".join(json.dumps(r) + "\n" for r in self.history.epochs), self.out_dir / METRICS)
+        atomic_save(self.state_dict(), self.out_dir / CHECKPOINT)
+        atomic_write_text("".join(json.dumps(r) + "\n" for r in self.history.epochs), self.out_dir / METRICS)
 
     def resume(self) -> bool:
         """Load ``<out_dir>/checkpoint.pt`` if it exists (every rank reads it); return whether it did."""
@@ -364,7 +364,7 @@ class SeedScalarTrainer:
         if not resumed:
             if self.global_step != 0:
                 raise ValueError("an update log starts with the run")
-            _atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
                           "config": self.config}, base)
             self.log = UpdateLog.create(self.update_log_path, self._log_header())
         else:
@@ -524,7 +524,7 @@ def train_distributed(args: argparse.Namespace) -> int:
         training_config,
     )
     from ..rules import get_rule
-    from ..train import make_optimizer, resolve_device
+    from ..training import make_optimizer, resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
