@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..forward_only.directions import draw_seeds
-from ..rules.base import Rule, trainable_parameters
+from ..rules.base import Rule, require_seed_scalar, trainable_parameters
 from ..training import accuracy, make_optimizer
 from .wire import checksum, stream_seed
 
@@ -148,8 +148,7 @@ def baffle(
     ``replicas=True``: every client keeps its own model and optimizer, updated from the downlink
     (round seed + aggregated scalars) only, and is checked bit-identical to the server at the end.
     """
-    if not (hasattr(rule, "estimate") and hasattr(rule, "apply")):
-        raise ValueError(f"rule {rule.name!r} has no seed-and-scalar API (estimate/apply); BAFFLE needs one")
+    require_seed_scalar(rule, "BAFFLE")
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 1:
         raise ValueError(f"rounds must be a positive integer, got {rounds!r}")
     params = trainable_parameters(model)

@@ -21,7 +21,6 @@ the data order, the seeds and the optimizer state of the uninterrupted run.
 
 from __future__ import annotations
 
-import argparse
 import importlib
 import json
 import math
@@ -38,8 +37,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
-from ..rules.base import Rule, trainable_parameters
-from ..training import History, accuracy, atomic_save, atomic_write_text
+from ..rules.base import Rule, require_seed_scalar, trainable_parameters
+from ..training import History, accuracy, atomic_save, atomic_write_text, load_checkpoint, resolve_device
 from .replay import UpdateLog
 from .wire import (
     STATUS_FAILED,
@@ -76,9 +75,6 @@ class Exchange:
         self.calls += 1
         return [buf]
 
-    def barrier(self) -> None:
-        return None
-
 
 class TorchExchange(Exchange):
     """The exchange over the default ``torch.distributed`` process group (gloo or nccl)."""
@@ -99,9 +95,6 @@ class TorchExchange(Exchange):
         self.bytes_sent += buf.numel() * buf.element_size()
         self.bytes_received += (self.world_size - 1) * buf.numel() * buf.element_size()
         return [o.cpu() for o in out]
-
-    def barrier(self) -> None:
-        self._dist.barrier()
 
 
 # --- fault injection (for testing the fault handling) ------------------------------------------
@@ -174,9 +167,7 @@ class SeedScalarTrainer:
         progress: bool = False,
         eval_train: bool = True,
     ) -> None:
-        if not (hasattr(rule, "estimate") and hasattr(rule, "apply")):
-            raise ValueError(f"rule {rule.name!r} has no seed-and-scalar API (estimate/apply); "
-                             "distributed training by seed exchange supports zo_spsa and forward_gradient")
+        require_seed_scalar(rule, "distributed training by seed exchange")
         for value, what in ((epochs, "epochs"), (batch_size, "batch size")):
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{what} must be a positive integer, got {value!r}")
@@ -341,7 +332,7 @@ class SeedScalarTrainer:
         path = self.out_dir / CHECKPOINT
         if not path.exists():
             return False
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        state = load_checkpoint(path, ("model", "optimizer", "rule", "epoch", "global_step", "history"))
         if int(state.get("world_size", self.world_size)) != self.world_size:
             raise ValueError(f"{path} was written by a {state['world_size']}-rank run; this run has "
                              f"{self.world_size} ranks and would draw different seeds and shards")
@@ -375,7 +366,7 @@ class SeedScalarTrainer:
         hyper = {k: v for k, v in group.items() if k != "params" and isinstance(v, (int, float, bool, str, tuple))}
         return {
             "rule": self.rule.name,
-            "rule_options": self.config.get("rule_options", {}),
+            "rule_options": self.config.get("options", {}),
             "optimizer": type(self.optimizer).__name__,
             "optimizer_hyper": {k: list(v) if isinstance(v, tuple) else v for k, v in hyper.items()},
             "directions_per_step": self.world_size * self.directions,
@@ -453,26 +444,7 @@ class SeedScalarTrainer:
         return self.history
 
 
-# --- the CLI entry: `forwardlearn train --distributed` -----------------------------------------------
-
-
-def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``forwardlearn train --distributed`` beyond those of ``forwardlearn train``."""
-    g = p.add_argument_group("seed-and-scalar distributed training (zo_spsa, forward_gradient)")
-    g.add_argument("--distributed", action="store_true",
-                   help="data-parallel by (seed, scalar) all_gather; launch under torchrun --nproc-per-node N")
-    g.add_argument("--update-log", default=None, metavar="PATH",
-                   help="write the replayable update log (seed, scalar, lr per step) here, base.pt beside it")
-    g.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
-                   help="also checkpoint every STEPS steps (default: at epoch ends only)")
-    g.add_argument("--checksum-every", type=int, default=50, metavar="STEPS",
-                   help="compare the parameter checksums of all ranks every STEPS steps (default 50)")
-    g.add_argument("--max-scalar", type=float, default=1e6,
-                   help="reject a rank's scalar larger than this in magnitude as malformed (default 1e6)")
-    f = p.add_argument_group("fault injection (for testing the fault handling)")
-    f.add_argument("--inject-kill", default=None, metavar="RANK:STEP", help="SIGKILL RANK at STEP (first attempt)")
-    f.add_argument("--inject-nonfinite", default=None, metavar="RANK:STEP", help="RANK sends a NaN scalar at STEP")
-    f.add_argument("--inject-desync", default=None, metavar="RANK:STEP", help="RANK nudges a weight after STEP")
+# --- launching under torchrun ---------------------------------------------------------------------
 
 
 def _init_process_group(device: torch.device) -> tuple[bool, torch.device]:
@@ -512,70 +484,50 @@ def init_process_group(device: torch.device | str = "cpu") -> torch.device:
     return _init_process_group(torch.device(device))[1]
 
 
-def train_distributed(args: argparse.Namespace) -> int:
-    """Run ``forwardlearn train`` with ``--distributed`` and/or ``--update-log`` (see the module doc)."""
-    from .. import data, models
-    from ..commands._common import (
-        RESUME_KEYS,
-        check_resume,
-        parse_hidden,
-        parse_options,
-        run_directory,
-        training_config,
-    )
-    from ..rules import get_rule
-    from ..training import make_optimizer, resolve_device
+def train_distributed(
+    config: dict[str, Any],
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    distributed: bool = False,
+    device: str | torch.device | None = "auto",
+    data_dir: str | None = None,
+    update_log: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    checksum_every: int = 50,
+    max_scalar: float = 1e6,
+    faults: Faults | None = None,
+    progress: bool = True,
+) -> SeedScalarTrainer:
+    """Build the run of ``config`` (:func:`~forwardlearn.training.run.build_run`) and train it by seed and scalar
+    exchange: as one rank of the ``torchrun`` process group (``distributed=True``), else as one process (with
+    ``update_log``, a replayable single-process run). Returns the trainer (``.history``, ``.is_writer``)."""
+    from ..training.run import RESUME_KEYS, build_run, check_resume, run_directory
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    hidden = parse_hidden(args.hidden)
-    options = parse_options(args.opt)
-    spec = data.info(args.data)
-    device = resolve_device(args.device)
+    device = resolve_device(device)
     created = False
-    if getattr(args, "distributed", False):
+    if distributed:
         created, device = _init_process_group(device)
     try:
-        exchange: Exchange | None = TorchExchange(device) if getattr(args, "distributed", False) else None
+        exchange: Exchange | None = TorchExchange(device) if distributed else None
         # an elastic restart (torchrun --max-restarts) resumes from the last checkpoint by itself
-        resume = args.resume or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
-        out = run_directory(args, resume)  # checked on every rank, so that all of them stop
-        torch.manual_seed(args.seed)
-        rule = get_rule(args.rule, seed=args.seed, **options)
-        d = type(rule).defaults
-        cfg = {
-            **training_config(args, d, hidden),
-            "rule_options": {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))},
-            "shape": list(spec.shape),
-            "classes": spec.classes,
-            "world_size": exchange.world_size if exchange is not None else 1,
-            "directions": int(getattr(rule, "directions", 0)),
-        }
+        resume = resume or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+        out = run_directory(out_dir, resume)  # checked on every rank, so that all of them stop
+        run = build_run(config, device=device, data_dir=data_dir)
+        require_seed_scalar(run.rule, "distributed training by seed exchange")
+        cfg = run.config
+        cfg["world_size"] = exchange.world_size if exchange is not None else 1
+        cfg["directions"] = int(run.rule.directions)
         if resume:
-            check_resume(out, cfg, (*RESUME_KEYS, "rule_options", "world_size", "directions"))
-        Xtr, ytr = data.load(args.data, "train", root=args.data_dir)
-        Xte, yte = data.load(args.data, "test", root=args.data_dir)
-        model = models.build(cfg["model"], spec.shape, spec.classes, cfg["hidden"] or None, args.activation)
-        model = rule.attach(model.to(device))
-        optimizer = make_optimizer(cfg["optimizer"], trainable_parameters(model), cfg["lr"])
-        faults = Faults(kill=Faults.parse(getattr(args, "inject_kill", None), "--inject-kill"),
-                        nonfinite=Faults.parse(getattr(args, "inject_nonfinite", None), "--inject-nonfinite"),
-                        desync=Faults.parse(getattr(args, "inject_desync", None), "--inject-desync"))
+            check_resume(out, cfg, (*RESUME_KEYS, "world_size", "directions"))
         trainer = SeedScalarTrainer(
-            model, rule, optimizer, epochs=cfg["epochs"], batch_size=cfg["batch_size"], seed=args.seed,
-            exchange=exchange, out_dir=out, checkpoint_every=getattr(args, "checkpoint_every", 0),
-            checksum_every=getattr(args, "checksum_every", 50), update_log=getattr(args, "update_log", None),
-            max_scalar=getattr(args, "max_scalar", 1e6), config=cfg, faults=faults, progress=not args.quiet)
-        history = trainer.fit((Xtr, ytr), (Xte, yte), resume=resume)
-        if trainer.is_writer:
-            final = history.final
-            print(f"{args.rule} on {args.data}, {trainer.world_size} rank(s): epoch {final['epoch']}, "
-                  f"loss {final['loss']:.4f}, test acc {final.get('test_acc', float('nan')):.4f}, "
-                  f"{final['wire_bytes_per_step']} B/step gathered per rank  ->  {out}")
-            (out / "summary.json").write_text(json.dumps({"config": cfg, "final": final}, indent=2) + "\n")
+            run.model, run.rule, run.optimizer, epochs=cfg["epochs"], batch_size=cfg["batch_size"], seed=cfg["seed"],
+            exchange=exchange, out_dir=out, checkpoint_every=checkpoint_every, checksum_every=checksum_every,
+            update_log=update_log, max_scalar=max_scalar, config=cfg, faults=faults, progress=progress)
+        trainer.fit(run.train, run.test, resume=resume)
     finally:
         if created:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    return 0
+    return trainer
