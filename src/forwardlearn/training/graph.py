@@ -1,20 +1,19 @@
-"""Full-batch training of graph rules (node classification): one step on the whole graph per epoch."""
+"""Full-batch training of graph rules (node classification): the one loop with :class:`GraphStep`, one step on
+the whole graph per epoch."""
 
 from __future__ import annotations
-
-import math
-import time
 
 import torch
 from torch import Tensor, nn
 
 from ..data.graphs import Graph
-from ..rules.base import NonFiniteError, Rule, trainable_parameters
+from ..rules.base import Rule, check_int, trainable_parameters
 from .checkpoint import History
+from .loop import Trainer
 from .optim import make_optimizer, resolve_device
+from .strategies import GradStep
 
 
-# --- full-batch training of graph rules ----------------------------------------------------------
 @torch.no_grad()
 def node_accuracy(rule: Rule, model: nn.Module, graph: Graph, mask: Tensor) -> float:
     """Fraction of the nodes in ``mask`` that ``rule.predict`` classifies as ``graph.y``."""
@@ -24,6 +23,35 @@ def node_accuracy(rule: Rule, model: nn.Module, graph: Graph, mask: Tensor) -> f
     model.train(was)
     m = mask & (graph.y >= 0)
     return float((pred[m] == graph.y[m]).float().mean()) if bool(m.any()) else float("nan")
+
+
+class GraphStep(GradStep):
+    """The optimizer step with the whole graph as the one batch of every epoch; records carry the
+    ``train_acc``, ``val_acc`` and ``test_acc`` of the node masks every ``eval_every`` epochs (and at the end)."""
+
+    name = "graph"
+
+    def __init__(self, eval_every: int = 1) -> None:
+        super().__init__()
+        self.eval_every = check_int(eval_every, "eval_every")
+
+    def steps_per_epoch(self, trainer: Trainer, n: int) -> int:
+        return 1
+
+    def batches(self, trainer: Trainer, n: int) -> list[None]:
+        return [None]
+
+    def gather(self, trainer: Trainer, X: Graph, y: Tensor, item: None) -> tuple[Graph, Tensor]:
+        return X, y
+
+    def step(self, trainer: Trainer, batch: tuple[Graph, Tensor]) -> tuple[float, float]:
+        return super().step(trainer, batch)[0], 1.0
+
+    def evaluate(self, trainer: Trainer, X: Graph, y: Tensor, Xt: object, yt: object) -> dict[str, float]:
+        if trainer.epoch % self.eval_every and trainer.epoch != trainer.epochs:
+            return {}
+        return {f"{split}_acc": node_accuracy(trainer.rule, trainer.model, X, mask)
+                for split, mask in (("train", X.train_mask), ("val", X.val_mask), ("test", X.test_mask))}
 
 
 def train_graph(
@@ -42,39 +70,22 @@ def train_graph(
     """Full-batch node classification: one ``rule.grads(model, graph, graph.targets())`` step per epoch.
 
     Works for every rule that accepts a :class:`Graph` (``backprop`` with a ``GNN`` that has a head,
-    ``forward_gnn`` with a head-less one). Returns a :class:`~forwardlearn.train.History` with ``loss``,
-    ``seconds`` (training time of the epoch) and, every ``eval_every`` epochs, ``train_acc``,
+    ``forward_gnn`` with a head-less one). Returns a :class:`~forwardlearn.training.checkpoint.History` with
+    ``loss``, ``seconds`` (training time of the epoch) and, every ``eval_every`` epochs, ``train_acc``,
     ``val_acc``, ``test_acc``. ``seed`` seeds dropout (torch's global stream, restored afterwards).
     """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every <= 0:
-        raise ValueError(f"eval_every must be a positive integer, got {eval_every!r}")
+    check_int(epochs, "epochs")
+    step = GraphStep(eval_every)
     dev = resolve_device(device)
     graph = graph.to(dev)
     model = rule.attach(model.to(dev))
     if isinstance(optimizer, str):
         optimizer = make_optimizer(optimizer, trainable_parameters(model), lr, weight_decay=weight_decay)
-    targets = graph.targets()
-    history = History()
+    trainer = Trainer(model, rule, optimizer, epochs=epochs, batch_size=1, strategy=step, progress=False,
+                      device=dev, eval_train=False)
     with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
         torch.manual_seed(seed)
-        model.train()
-        for epoch in range(1, epochs + 1):
-            t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss = rule.grads(model, graph, targets)
-            if not math.isfinite(loss):
-                raise NonFiniteError(f"non-finite loss {loss} at epoch {epoch}")
-            optimizer.step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            record: dict[str, float] = {"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - t0}
-            if epoch % eval_every == 0 or epoch == epochs:
-                for split, mask in (("train", graph.train_mask), ("val", graph.val_mask), ("test", graph.test_mask)):
-                    record[f"{split}_acc"] = node_accuracy(rule, model, graph, mask)
-            history.epochs.append(record)
-    return history
+        return trainer.fit((graph, graph.targets()))
 
 
-__all__ = ["node_accuracy", "train_graph"]
+__all__ = ["GraphStep", "node_accuracy", "train_graph"]

@@ -226,10 +226,14 @@ class Trainer:
             if self.eval_threads is not None:  # evaluation is not timed: it may use more cores than training
                 torch.set_num_threads(self.eval_threads)
             try:
-                if self.eval_train:
-                    record["train_acc"] = accuracy(self.rule, self.model, X, y)
-                if Xt is not None:
-                    record["test_acc"] = accuracy(self.rule, self.model, Xt, yt)
+                own = self.strategy.evaluate(self, X, y, Xt, yt)
+                if own is not None:
+                    record.update(own)
+                else:
+                    if self.eval_train:
+                        record["train_acc"] = accuracy(self.rule, self.model, X, y)
+                    if Xt is not None:
+                        record["test_acc"] = accuracy(self.rule, self.model, Xt, yt)
             finally:
                 torch.set_num_threads(threads)
         record["eval_seconds"] = time.perf_counter() - t1
@@ -306,6 +310,7 @@ class Trainer:
                     if bar is not None:
                         bar.set_postfix(epoch=self.epoch, loss=f"{record['loss']:.4f}",
                                         acc=f"{record.get('test_acc', record.get('train_acc', float('nan'))):.3f}")
+            self.strategy.finish(self)
         finally:
             if bar is not None:
                 bar.close()

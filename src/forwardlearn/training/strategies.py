@@ -53,9 +53,19 @@ class Strategy:
         raise NotImplementedError
 
     # optional hooks
-    def begin(self, trainer: Trainer, resumed: bool) -> None: ...
+    def begin(self, trainer: Trainer, resumed: bool) -> None:
+        """Before the first step (after a resume)."""
 
-    def end(self, trainer: Trainer) -> None: ...
+    def finish(self, trainer: Trainer) -> None:
+        """After the last step of a run that ended normally."""
+
+    def end(self, trainer: Trainer) -> None:
+        """When the run stops, normally or by an exception."""
+
+    def evaluate(self, trainer: Trainer, X: Inputs, y: Tensor, Xt: Inputs | None,
+                 yt: Tensor | None) -> dict[str, float] | None:
+        """The evaluation fields of a record; ``None``: the loop's own (train and test accuracy)."""
+        return None
 
     def record(self, trainer: Trainer, steps: int) -> dict[str, float]:
         """Extra fields of a history record covering ``steps`` steps."""
