@@ -202,3 +202,39 @@ def test_cli_resume_on_a_corrupt_checkpoint_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert len(err.strip().splitlines()) == 1 and "not a forwardlearn checkpoint" in err and "Traceback" not in err
+
+
+def test_one_argument_order_and_one_name_per_concept(digits):
+    (X, y), _ = digits
+    model, rule = fl.models.mlp(64, [8], 10), fl.get_rule("backprop")
+    with pytest.raises(ValueError, match=r"model first.*gradient_alignment\(model, rule"):
+        fl.diagnostics.gradient_alignment(rule, model, X[:8], y[:8])
+    with pytest.raises(ValueError, match="model first"):
+        fl.training.accuracy(rule, model, X[:8], y[:8])
+    assert 0 <= fl.training.accuracy(model, rule, X[:8], y[:8]) <= 1
+    with pytest.raises(ValueError, match="hidden widths second"):
+        fl.models.cnn(1, 10, input_size=8)  # the order before: (in_channels, classes, ...)
+    assert fl.models.cnn(1, (8,), 3, input_size=8)(torch.rand(2, 1, 8, 8)).shape == (2, 3)
+    with pytest.raises(ValueError, match="stage widths second"):
+        fl.models.resnet(1, 10)
+    with pytest.raises(ValueError, match="option 'theta' of rule 'forward_gnn' is called 'threshold'"):
+        fl.get_rule("forward_gnn", theta=1.0)
+    from forwardlearn.distributed import fedavg
+
+    with pytest.raises(ValueError, match="loss="):
+        fedavg(model, [(X[:8], y[:8])], None, rounds=1, lr=0.1, loss_fn=torch.nn.functional.cross_entropy)
+
+
+def test_seed_scalar_trainer_takes_a_scheduler_and_times_cpu(digits):
+    """The distributed trainer is the one loop: a scheduler steps per epoch, records carry CPU seconds."""
+    from forwardlearn.distributed import SeedScalarTrainer
+
+    (X, y), _ = digits
+    model = fl.models.mlp(64, [8], 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    tr = SeedScalarTrainer(model, fl.get_rule("zo_spsa", seed=0, directions=2), opt, epochs=2, batch_size=64,
+                           ranks=range(2), scheduler=sched)
+    hist = tr.fit((X[:256], y[:256]))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+    assert all(r["cpu_seconds"] >= 0 and r["world_size"] == 2 for r in hist.epochs)

@@ -52,17 +52,22 @@ def mlp(in_features: int, hidden: Sequence[int], classes: int, activation: str =
 
 def cnn(
     in_channels: int,
-    classes: int,
+    hidden: Sequence[int] = (120, 84),
+    classes: int = 10,
+    *,
     input_size: int | tuple[int, int] = 28,
     channels: Sequence[int] = (6, 16),
-    hidden: Sequence[int] = (120, 84),
     activation: str = "relu",
     kernel_size: int = 5,
 ) -> nn.Sequential:
     """LeNet-like network: ``[Conv2d -> activation -> MaxPool2d] * len(channels) -> Flatten -> MLP head``.
 
-    Convolutions are padded ("same"), so the net also fits small inputs such as 8x8 digits.
+    The arguments run as in :func:`mlp`: inputs, hidden (fully connected) widths, classes. Convolutions are
+    padded ("same"), so the net also fits small inputs such as 8x8 digits.
     """
+    if isinstance(hidden, int):
+        raise ValueError(f"cnn(in_channels, hidden, classes, ...) takes the hidden widths second, got {hidden!r}; "
+                         f"pass classes={hidden} by keyword or as the third argument")
     _positive_int(in_channels, "in_channels")
     _positive_int(classes, "classes")
     _positive_int(kernel_size, "kernel_size")
@@ -106,5 +111,5 @@ def build(
         if len(shape) != 3:
             raise ValueError(f"model 'cnn' needs image inputs (C, H, W), this data set has shape {tuple(shape)}")
         c, h, w = shape
-        return cnn(c, classes, input_size=(h, w), hidden=tuple(hidden) if hidden else (120, 84), activation=activation)
+        return cnn(c, tuple(hidden) if hidden else (120, 84), classes, input_size=(h, w), activation=activation)
     raise ValueError(f"unknown model {name!r}; valid: cnn, mlp")

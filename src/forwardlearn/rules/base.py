@@ -29,6 +29,8 @@ from ..data.batches import Inputs, call_model, logits_of
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 _REGISTRY: dict[str, type[Rule]] = {}
+#: option names that other rules or earlier versions spelled differently: one name per concept
+RENAMED = {"theta": "threshold", "loss_fn": "loss"}
 
 
 def register(cls: type[Rule]) -> type[Rule]:
@@ -80,6 +82,9 @@ def get_rule(name: str, **options: Any) -> Rule:
     """
     cls = rule_class(name)
     valid = _options_of(cls)
+    for old, new in RENAMED.items():
+        if old in options and old not in valid and new in valid:
+            raise ValueError(f"option {old!r} of rule {name!r} is called {new!r}")
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(
@@ -115,6 +120,13 @@ def check_positive(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{what} must be a positive finite number, got {value!r}")
     return float(value)
+
+
+def model_first(model: Any, rule: Any, where: str) -> None:
+    """``ValueError`` when ``where(model, rule, ...)`` got a rule first and a model second (the public functions
+    all take the model first, as :func:`forwardlearn.train` does)."""
+    if isinstance(model, Rule) or (isinstance(rule, nn.Module) and not isinstance(model, nn.Module)):
+        raise ValueError(f"{where} takes the model first and the rule second: {where}(model, rule, ...)")
 
 
 class NonFiniteError(RuntimeError):

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.batches import Inputs, batch_len, take, to_device
-from ..rules.base import NonFiniteError, Rule, check_int, get_rule, trainable_parameters
+from ..rules.base import NonFiniteError, Rule, check_int, get_rule, model_first, trainable_parameters
 from .checkpoint import CHECKPOINT, METRICS, TRAINING_KEYS, History, atomic_save, load_checkpoint, write_metrics
 from .optim import make_optimizer, resolve_device
 from .strategies import Strategy, make_strategy
@@ -44,8 +44,9 @@ class Callback:
 
 
 @torch.no_grad()
-def accuracy(rule: Rule, model: nn.Module, X: Inputs, y: Tensor, batch_size: int = 1024) -> float:
+def accuracy(model: nn.Module, rule: Rule, X: Inputs, y: Tensor, batch_size: int = 1024) -> float:
     """Fraction of ``X`` that ``rule.predict`` classifies as ``y``."""
+    model_first(model, rule, "accuracy")
     was_training = model.training
     model.eval()
     correct = 0
@@ -231,9 +232,9 @@ class Trainer:
                     record.update(own)
                 else:
                     if self.eval_train:
-                        record["train_acc"] = accuracy(self.rule, self.model, X, y)
+                        record["train_acc"] = accuracy(self.model, self.rule, X, y)
                     if Xt is not None:
-                        record["test_acc"] = accuracy(self.rule, self.model, Xt, yt)
+                        record["test_acc"] = accuracy(self.model, self.rule, Xt, yt)
             finally:
                 torch.set_num_threads(threads)
         record["eval_seconds"] = time.perf_counter() - t1
