@@ -238,3 +238,14 @@ def test_seed_scalar_trainer_takes_a_scheduler_and_times_cpu(digits):
     hist = tr.fit((X[:256], y[:256]))
     assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
     assert all(r["cpu_seconds"] >= 0 and r["world_size"] == 2 for r in hist.epochs)
+
+
+def test_models_from_a_spec_and_rules_say_theirs():
+    spec = fl.rules.rule_class("ep").model_spec()
+    assert spec["name"] == "convergent"
+    assert isinstance(fl.models.from_spec(spec, (1, 8, 8), 10), fl.models.ConvergentNet)
+    assert fl.rules.rule_class("pepita").model_spec()["init"] == "he_uniform"
+    m = fl.rules.rule_class("backprop").default_model((1, 8, 8), 10, hidden=[7])
+    assert m(torch.rand(2, 1, 8, 8)).shape == (2, 10) and m[1].out_features == 7
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        fl.models.from_spec({"name": "nope"}, (4,), 2)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -88,6 +89,19 @@ def cnn(
     if width == 0:
         raise ValueError(f"input_size {input_size} is too small for {len(channels)} pooling stages")
     return nn.Sequential(*layers, *_dense(width, hidden, classes, activation))
+
+
+def he_uniform_(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """The papers' initialisation: every ``Linear`` weight ``U(-sqrt(6/fan_in), sqrt(6/fan_in))``, biases 0."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                limit = math.sqrt(6.0 / m.in_features)
+                w = torch.rand(m.weight.shape, generator=generator, dtype=m.weight.dtype) * 2 - 1
+                m.weight.copy_(w * limit)
+                if m.bias is not None:
+                    m.bias.zero_()
+    return model
 
 
 def build(

@@ -176,14 +176,20 @@ class Rule:
     supports_fused: ClassVar[bool] = False
 
     @classmethod
-    def default_model(cls, shape: tuple[int, ...], classes: int) -> nn.Module:
-        """The model ``forwardlearn compare`` trains this rule on: ``defaults["model"]`` with ``defaults["hidden"]``.
+    def model_spec(cls) -> dict[str, Any]:
+        """The spec of the model this rule trains by default (:mod:`forwardlearn.models.registry`):
+        ``defaults["model"]`` with ``defaults["hidden"]``. Rules that need a model of their own kind (an
+        energy-based net, an initialisation of their paper) override this."""
+        hidden = cls.defaults.get("hidden")
+        return {"name": cls.defaults.get("model", "mlp"), "hidden": list(hidden) if hidden is not None else None}
 
-        Rules that need a model of their own kind (an energy-based net, say) override this.
-        """
-        from ..models import build
+    @classmethod
+    def default_model(cls, shape: tuple[int, ...], classes: int, hidden: list[int] | None = None) -> nn.Module:
+        """The model of :meth:`model_spec` for inputs of ``shape`` (``hidden`` replaces its widths)."""
+        from ..models.registry import from_spec
 
-        return build(cls.defaults.get("model", "mlp"), shape, classes, cls.defaults.get("hidden"))
+        spec = cls.model_spec()
+        return from_spec(spec if hidden is None else {**spec, "hidden": list(hidden)}, shape, classes)
 
     def __init__(self, loss: LossFn | None = None, seed: int | None = None) -> None:
         if loss is not None and not callable(loss):

@@ -148,9 +148,9 @@ class ForwardGNN(Rule):
         return GNN(self.input_features(graph), hidden or list(self.defaults["hidden"]), None, kind=kind)
 
     @classmethod
-    def default_model(cls, shape: tuple[int, ...], classes: int) -> nn.Module:
+    def model_spec(cls) -> dict[str, Any]:
         """Head-less GCN for the default ``"sf"`` variant on ``shape = (F,)`` node features."""
-        return GNN(int(shape[-1]), list(cls.defaults["hidden"]), None)
+        return {"name": "gnn", "hidden": list(cls.defaults["hidden"]), "head": False}
 
     def attach(self, model: nn.Module) -> nn.Module:
         layers = graph_layers(model)
