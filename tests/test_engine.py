@@ -75,8 +75,9 @@ def _small_trainer(out_dir, steps=None, epochs=None, eval_every=None, seed=0):
     rule = fl.get_rule("backprop", seed=seed)
     model = rule.attach(fl.models.mlp(64, [16], 10))
     opt = make_optimizer("sgd", model.parameters(), 0.05)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.8)  # stepped at epoch ends
     return Trainer(model, rule, opt, epochs=epochs, steps=steps, eval_every=eval_every, batch_size=50, seed=seed,
-                   out_dir=out_dir, progress=False)
+                   out_dir=out_dir, progress=False, scheduler=sched)
 
 
 def test_steps_and_eval_every(tmp_path, digits):
@@ -94,15 +95,16 @@ def test_steps_and_eval_every(tmp_path, digits):
     assert [r.get("step") for r in ref.history.epochs] == [None, None]  # no eval_every: one record per epoch
 
 
-def test_step_based_resume_mid_epoch_is_exact(tmp_path, digits):
+@pytest.mark.parametrize("stop", [8, 6])  # 8: mid-epoch 2; 6: exactly at the end of epoch 1
+def test_step_based_resume_mid_epoch_is_exact(tmp_path, digits, stop):
     (X, y), _ = digits
-    data = (X[:300], y[:300])
-    full = _small_trainer(tmp_path / "full", steps=16, eval_every=4)
+    data = (X[:300], y[:300])  # 6 steps per epoch
+    full = _small_trainer(tmp_path / "full", steps=16, eval_every=2)
     full.fit(data)
-    part = _small_trainer(tmp_path / "part", steps=8, eval_every=4)  # stops at step 8: mid-epoch 2
+    part = _small_trainer(tmp_path / "part", steps=stop, eval_every=2)
     part.fit(data)
-    assert part.step_in_epoch == 2
-    resumed = _small_trainer(tmp_path / "part", steps=16, eval_every=4, seed=99)
+    assert part.global_step == stop
+    resumed = _small_trainer(tmp_path / "part", steps=16, eval_every=2, seed=99)
     resumed.fit(data, resume=True)
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)

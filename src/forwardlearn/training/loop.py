@@ -276,6 +276,7 @@ class Trainer:
                 self._epoch_rng = self.generator.get_state()
                 order = self.strategy.batches(self, n)  # this epoch's batches (a fresh shuffle)
                 t0, c0, steps0 = time.perf_counter(), time.process_time(), self.global_step
+                due = False  # an eval_every record is due
                 for i in range(self.step_in_epoch, per_epoch):
                     if self.global_step >= total_steps:
                         break
@@ -290,9 +291,10 @@ class Trainer:
                         bar.update(1)
                         if i % 10 == 0:
                             total, w = self.running_loss
-                        bar.set_postfix(epoch=self.epoch + 1, loss=f"{total / (w or 1.0):.4f}")
-                    if self.eval_every is not None and (self.global_step % self.eval_every == 0
-                                                        or self.global_step == total_steps):
+                            bar.set_postfix(epoch=self.epoch + 1, loss=f"{total / (w or 1.0):.4f}")
+                    due = self.eval_every is not None and (self.global_step % self.eval_every == 0
+                                                           or self.global_step == total_steps)
+                    if due and self.step_in_epoch < per_epoch:  # at an epoch's end: after its bookkeeping
                         seconds, cpu = self._elapsed(t0, c0)
                         self._record(data, seconds, cpu, self.global_step - steps0)
                         t0, c0, steps0 = time.perf_counter(), time.process_time(), self.global_step
@@ -306,7 +308,7 @@ class Trainer:
                     self.scheduler.step()
                 self.epoch += 1
                 self.step_in_epoch = 0
-                if self.eval_every is None:
+                if self.eval_every is None or due:
                     record = self._record(data, seconds, cpu, self.global_step - steps0)
                     if bar is not None:
                         bar.set_postfix(epoch=self.epoch, loss=f"{record['loss']:.4f}",
