@@ -62,17 +62,17 @@ def final_accuracy(name: str, seed: int) -> float:
     rule = fl.get_rule(name, seed=seed)
     if cls.data_kind == "graph":
         from forwardlearn.data.graphs import csbm
-        from forwardlearn.rules.forward_gnn import train_graph
+        from forwardlearn.training.graph import train_graph
 
         graph = csbm(nodes=600, classes=4, features=16, avg_degree=8, homophily=0.8, feature_signal=1.0, seed=seed)
-        model = rule.attach(cls.default_model((graph.num_features,), graph.num_classes))
+        model = cls.default_model((graph.num_features,), graph.num_classes)  # attached by train_graph
         hist = train_graph(model, rule, graph, optimizer=d["optimizer"], lr=d["lr"], epochs=GRAPH_EPOCHS, seed=seed,
                            eval_every=GRAPH_EPOCHS)
         return hist.final["test_acc"]
     assert cls.data_kind == "tensor", f"{name}: no smoke setup for {cls.data_kind!r} data"
     spec = fl.data.info("digits")
     train, test = fl.data.load("digits", "train"), fl.data.load("digits", "test")
-    model = rule.attach(cls.default_model(spec.shape, spec.classes))
+    model = cls.default_model(spec.shape, spec.classes)  # attached by fl.train
     hist = fl.train(model, rule, train, test, optimizer=d["optimizer"], lr=d["lr"], epochs=OWN_EPOCHS.get(name, EPOCHS),
                     batch_size=d["batch_size"], seed=seed, progress=False, eval_train=False)
     return hist.final["test_acc"]

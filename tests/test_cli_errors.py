@@ -2,7 +2,8 @@
 
 The verbs are discovered from ``forwardlearn.commands`` and the rules from the registry, so a new verb without a
 row here fails :func:`test_every_verb_has_bad_input_cases`, and a new rule is covered by the per-rule rows.
-Everything runs in this process (``forwardlearn.cli.main`` and the module entry of distributed training).
+Everything runs in this process (``forwardlearn.cli.main``; the distributed rows run ``train`` with
+``--update-log``, the single-process path of seed-and-scalar training).
 """
 
 from __future__ import annotations
@@ -18,12 +19,17 @@ import torch
 
 from forwardlearn import commands
 from forwardlearn.cli import main
-from forwardlearn.distributed.__main__ import main as distributed_main
 from forwardlearn.distributed.replay import MAGIC
 from forwardlearn.rules import available_rules, rule_class, rule_options
 
 VERBS = sorted(m.name for m in pkgutil.iter_modules(commands.__path__) if not m.name.startswith("_"))
 SMALL = ["--epochs", "1", "--hidden", "8", "--quiet"]
+
+
+def distributed_main(argv: list[str]) -> int:
+    """``forwardlearn train`` by seed and scalar exchange (what ``torchrun -m forwardlearn train --distributed``
+    runs on each rank) with ``argv``."""
+    return main(["train", *argv])
 
 
 def _call(entry: Callable, argv: list[str], capsys: pytest.CaptureFixture) -> tuple[int, str]:

@@ -85,7 +85,7 @@ def _model(name: str, shape: tuple[int, ...], classes: int) -> torch.nn.Module:
         from forwardlearn.physical import physical_network
 
         return physical_network(shape[0] * shape[1] * shape[2], [16, 16], 32, every_layer=False)
-    if cls.default_model.__func__ is fl.rules.Rule.default_model.__func__ and cls.defaults.get("model") == "mlp":
+    if cls.model_spec.__func__ is fl.rules.Rule.model_spec.__func__ and cls.defaults.get("model") == "mlp":
         return fl.models.build("mlp", shape, classes, [16, 16])
     return cls.default_model(shape, classes)
 

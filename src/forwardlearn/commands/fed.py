@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from ._common import check_data_kind, parse_hidden, parse_options, positive
+from ._common import parse_hidden, parse_options, positive
 
 NAME = "fed"
 HELP = "federated training where clients run forward passes only and upload scalars (BAFFLE), vs FedAvg"
@@ -44,13 +44,14 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import data, models
     from ..distributed.federated import baffle, dirichlet_split, fedavg
-    from ..rules import build_rule, rule_class
+    from ..rules import SeedScalarRule, build_rule, rule_class
+    from ..training.run import check_data_kind
 
     torch.set_num_threads(args.threads)
     spec = data.info(args.data)
     hidden = parse_hidden(args.hidden)
     cls = rule_class(args.rule)
-    if not (hasattr(cls, "estimate") and hasattr(cls, "apply")):
+    if not issubclass(cls, SeedScalarRule):
         raise ValueError(f"rule {args.rule!r} has no seed-and-scalar API (estimate/apply); "
                          "BAFFLE needs one: zo_spsa or forward_gradient")
     check_data_kind(cls, args.data)

@@ -23,7 +23,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..distributed.replay import read_header, record_size, replay
-    from ..train import _atomic_save
+    from ..training.checkpoint import atomic_save, load_checkpoint
 
     for path in (args.base, args.log):
         if not Path(path).exists():
@@ -33,11 +33,8 @@ def run(args: argparse.Namespace) -> int:
     header, _ = read_header(args.log)
     ref = None
     if args.check:  # read before replaying, so that a bad reference leaves no weights file behind
-        try:
-            ref = torch.load(args.check, map_location="cpu", weights_only=True)
-            ref = ref.get("model", ref)
-        except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign bytes: say which file
-            raise ValueError(f"{args.check}: not a readable checkpoint ({type(e).__name__}: {e})") from None
+        ref = load_checkpoint(args.check, keys=())
+        ref = ref.get("model", ref)
     model, steps = replay(args.base, args.log, args.steps)
     state = model.state_dict()
     if ref is not None:  # compared before anything is written: a failed check leaves no weights file
@@ -45,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
         if bad or set(ref) != set(state):
             raise RuntimeError(f"replayed weights differ from {args.check} in {', '.join(bad) or 'the key set'}")
     out = Path(args.out or f"{args.log}.weights.pt")
-    _atomic_save(state, out)
+    atomic_save(state, out)
     per_step = record_size(int(header["directions_per_step"]))
     ckpt_bytes = sum(t.numel() * t.element_size() for t in state.values())
     print(f"replayed {steps} steps of {header.get('rule')} ({header['directions_per_step']} directions/step, "

@@ -131,16 +131,10 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, float, list[int
 
 def build_from_config(cfg: dict[str, Any]) -> tuple[nn.Module, Any, torch.optim.Optimizer]:
     """Model, rule and optimizer as the run that wrote ``cfg`` built them (before loading any state)."""
-    from .. import models
-    from ..rules import build_rule, trainable_parameters
-    from ..train import make_optimizer
+    from ..training.run import build_run
 
-    rule = build_rule(cfg["rule"], int(cfg.get("seed", 0)), cfg.get("rule_options", {}), "the log's rule_options")
-    model = models.build(cfg["model"], tuple(cfg["shape"]), int(cfg["classes"]), cfg["hidden"] or None,
-                         cfg.get("activation", "relu"))
-    model = rule.attach(model)
-    optimizer = make_optimizer(cfg["optimizer"], trainable_parameters(model), float(cfg["lr"]))
-    return model, rule, optimizer
+    run = build_run(cfg, device="cpu", load_data=False)
+    return run.model, run.rule, run.optimizer
 
 
 def replay(base: str | os.PathLike, log: str | os.PathLike, steps: int | None = None) -> tuple[nn.Module, int]:
@@ -149,19 +143,20 @@ def replay(base: str | os.PathLike, log: str | os.PathLike, steps: int | None = 
     Returns ``(model, steps replayed)``.
     """
     header, _ = read_header(log)
+    from ..rules.base import require_seed_scalar
+    from ..training.checkpoint import load_checkpoint
+
+    state = load_checkpoint(base, ("model", "optimizer"))
+    cfg = state.get("config") or header["config"]
+    model, rule, optimizer = build_from_config(cfg)
+    require_seed_scalar(rule, "replay")
     try:
-        state = torch.load(base, map_location="cpu", weights_only=True)
-        cfg = state.get("config") or header["config"]
-    except Exception as e:  # noqa: BLE001 - truncated, corrupt or foreign bytes: say which file
-        raise ValueError(f"{base}: not a readable base checkpoint ({type(e).__name__}: {e})") from None
-    try:
-        model, rule, optimizer = build_from_config(cfg)
-        if not hasattr(rule, "apply"):
-            raise ValueError(f"rule {cfg['rule']!r} has no seed-and-scalar apply; cannot replay")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
-    except (KeyError, TypeError, AttributeError) as e:  # a foreign file that torch could read
-        raise ValueError(f"{base}: not the base checkpoint of a forwardlearn run ({type(e).__name__}: {e})") from None
+    except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:  # a checkpoint of another run
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{base}: not the base checkpoint of this update log ({type(e).__name__}: {why[:200]})") \
+            from None
     done = 0
     for step, lr, seeds, scalars in read_records(log):
         if steps is not None and step > steps:

@@ -5,6 +5,7 @@ import pkgutil
 
 from .base import (
     Rule,
+    SeedScalarRule,
     accumulate_grad,
     available_rules,
     build_rule,
@@ -22,6 +23,7 @@ for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
 
 __all__ = [
     "Rule",
+    "SeedScalarRule",
     "accumulate_grad",
     "available_rules",
     "build_rule",

@@ -133,16 +133,12 @@ class ModelFreeForwardForward(Rule):
         self.local_loss_hook: Callable[[int, Tensor], Tensor] | None = None
 
     @classmethod
-    def default_model(cls, shape: tuple[int, ...], classes: int) -> nn.Module:
+    def model_spec(cls) -> dict[str, Any]:
         """A simulated optical front end (256 outputs, noise 0.01) followed by ``defaults["hidden"]`` digital layers.
 
-        The network records ``classes`` (attribute ``classes``), so that predictions have a column for every
-        class even before a batch has shown the highest label."""
-        from ..physical import physical_network
-
-        net = physical_network(math.prod(shape), cls.defaults["hidden"], 256, every_layer=False)
-        net.classes = classes
-        return net
+        The built network records ``classes`` (attribute ``classes``, see the ``physical`` model), so that
+        predictions have a column for every class even before a batch has shown the highest label."""
+        return {"name": "physical", "hidden": list(cls.defaults["hidden"]), "physical_width": 256}
 
     # --- helpers ------------------------------------------------------------------------------
     def _patterns(self, features: int, classes: int, device: torch.device, dtype: torch.dtype) -> Tensor:
