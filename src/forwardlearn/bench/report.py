@@ -357,6 +357,32 @@ def plot_time_to_accuracy(runs: list[dict[str, Any]], data: str, path: Path, thr
     plt.close(fig)
 
 
+# --- compare --------------------------------------------------------------------------------------
+def _pm(mean: Any, sd: Any, fmt: str) -> str:
+    if mean is None:
+        return "-"
+    return format(mean, fmt) + ("" if sd is None else f" ± {format(sd, fmt)}")
+
+
+def compare_markdown(result: dict[str, Any]) -> str:
+    """The table of a ``forwardlearn compare`` JSON: mean +/- sd over its seeds, then the command line."""
+    meta = result["meta"]
+    rows = result["results"]
+    seeds = max((len(r.get("seeds") or [0]) for r in rows), default=1)
+    out = [
+        f"| rule | test acc (mean ± sd, {seeds} seeds) | time per epoch x backprop | peak MB | memory x backprop "
+        "| cosine to true gradient after epoch 1 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(f"| {r['rule']} | {_pm(r['test_acc'], r.get('test_acc_sd'), '.4f')} | "
+                   f"{_f(r.get('time_ratio'), '.2f')} | {_f(r.get('peak_mb'), '.1f')} | "
+                   f"{_f(r.get('mem_ratio'), '.2f')} | {_pm(r.get('cosine'), r.get('cosine_sd'), '.3f')} |")
+    out += ["", f"`{meta['command']}` on {meta['machine']}, torch {meta['torch']}, {meta['threads']} thread(s), "
+                f"device {meta['device']}; {meta['total_seconds']:.0f} s in all."]
+    return "\n".join(out) + "\n"
+
+
 # --- the report -----------------------------------------------------------------------------------
 def _cost_title(res: dict[str, Any]) -> str:
     return "Cost of one training step, and how it grows with depth and width" if res.get("sweep") else \

@@ -144,12 +144,13 @@ def cosine_after_first_epoch(name: str, spec: Any, state: tuple[dict[str, Any], 
     cls = rule_class(name)
     probe = cls.default_model(spec.shape, spec.classes).to(device)
     model_state, rule_state = state
-    try:
-        probe.load_state_dict(model_state, strict=False)  # parts a rule added in attach are the rule's state
-    except RuntimeError:
-        return None, "the rule reshaped the model in attach"
     rule = get_rule(name, seed=seed)
     rule.load_state_dict(copy.deepcopy(rule_state))
+    try:
+        probe.load_state_dict(model_state, strict=False)  # parts a rule added in attach are the rule's state
+    except RuntimeError:  # a rule that reshaped the model (ff widens its input) loads it once attached
+        probe = rule.attach(cls.default_model(spec.shape, spec.classes).to(device))
+        probe.load_state_dict(model_state, strict=False)
     try:
         res = gradient_alignment(rule, probe, x, y, samples=1, names=True)
     except RuntimeError as e:  # no exact gradient to compare with (a black-box layer, say)
