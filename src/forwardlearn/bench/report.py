@@ -252,22 +252,68 @@ def _same_net(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.get("hidden") == b.get("hidden") and len(kinds) <= 1
 
 
+def seed_groups(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Runs grouped by ``spec.group`` (the same run over several seeds, see ``bench accuracy --seeds``), in order
+    of first appearance; a run without a group is a group of its own."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault(r["spec"].get("group") or r["spec"]["id"], []).append(r)
+    return list(groups.values())
+
+
+def mean_run(members: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run standing for a seed group: the first member's spec (with the group's id), its per-epoch history
+    averaged over the members (as long as the shortest), ``final``/``best`` the means over the members."""
+    if len(members) == 1:
+        return members[0]
+    hists = [r.get("history") or [] for r in members]
+    n = min(len(h) for h in hists)
+    hist = []
+    for i in range(n):
+        keys = set.intersection(*(set(h[i]) for h in hists))
+        hist.append({k: sum(h[i][k] for h in hists) / len(hists) for k in sorted(keys)
+                     if all(isinstance(h[i][k], (int, float)) for h in hists)})
+    done = [r for r in members if r.get("final") is not None]
+    status = "done" if all(r.get("status") == "done" for r in members) else next(
+        r.get("status") for r in members if r.get("status") != "done")
+    spec = {**members[0]["spec"], "id": members[0]["spec"].get("group") or members[0]["spec"]["id"]}
+    return {"spec": spec, "status": status, "history": hist, "seeds": [r["spec"]["seed"] for r in members],
+            "final": sum(r["final"] for r in done) / len(done) if done else None,
+            "best": sum(r["best"] for r in done) / len(done) if done else None,
+            "finals": [r.get("final") for r in members]}
+
+
+def _pct_sd(run: dict[str, Any], key: str) -> str:
+    """``_pct`` of a run, with `` ± sd`` (in points) when it stands for several seeds."""
+    vals = [v for v in run.get(key + "s", []) if v is not None]
+    if len(vals) < 2:
+        return _pct(run.get(key))
+    m = sum(vals) / len(vals)
+    sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+    return f"{100 * m:.2f}% ± {100 * sd:.2f}"
+
+
 def accuracy_markdown(result: dict[str, Any], images: bool = True, image_prefix: str = "") -> str:
-    """Per data set a results table, then the reproduction table."""
+    """Per data set a results table, then the reproduction table. Runs repeated over seeds show as one row:
+    the mean +/- sd of the final test accuracy, the means of the rest (every seed's run stays in the JSON)."""
     meta = result.get("meta") or {}
     out = [f"Command: `{meta.get('command', '?')}`  "]
     if meta.get("last_invocation") not in (None, meta.get("command")):
         out.append(f"(runs resume across invocations; the last one to write these results: "
                    f"`{meta['last_invocation']}`)  ")
     out += [f"Hardware: {hardware(meta)}", ""]
-    runs = result["runs"]
+    groups = seed_groups(result["runs"])
+    seeds = max(len(g) for g in groups) if groups else 1
+    runs = [mean_run(g) for g in groups]
     for data in sorted({r["spec"]["data"] for r in runs}):
         mine = [r for r in runs if r["spec"]["data"] == data]
         xlabel, epoch_s = epoch_seconds(mine, meta.get("threads"))
+        final = "final test acc" if seeds == 1 else f"final test acc (mean ± sd, {seeds} seeds)"
+        best = "best test acc" if seeds == 1 else "best test acc (mean)"
         out += [f"#### {data}", "",
                 f"Epoch time: {xlabel} per epoch, as a ratio to a backprop run on the same data: the one with the "
                 "same widths where there is one, else the suite's first (named in the last column).", "",
-                "| run | rule | setup | final test acc | best test acc | epochs done | epoch time x backprop "
+                f"| run | rule | setup | {final} | {best} | epochs done | epoch time x backprop "
                 "| backprop run compared with |",
                 "|---|---|---|---:|---:|---:|---:|---|"]
 
@@ -281,7 +327,7 @@ def accuracy_markdown(result: dict[str, Any], images: bool = True, image_prefix:
             status = "" if r.get("status") == "done" else (
                 f" ({r.get('status')}" + (f": {r['error']}" if r.get("error") else "") + ")")
             ref = "-" if ratio is None else ("itself" if bp is r else bp["spec"]["id"])
-            out.append(f"| {r['spec']['id']}{status} | {r['spec']['rule']} | {_setup(r)} | {_pct(r.get('final'))} | "
+            out.append(f"| {r['spec']['id']}{status} | {r['spec']['rule']} | {_setup(r)} | {_pct_sd(r, 'final')} | "
                        f"{_pct(r.get('best'))} | {len(h)}/{r['spec']['epochs']} | {_f(ratio, '.2f')} | {ref} |")
         png = (result.get("plots") or {}).get(data)
         if images and png:
@@ -326,13 +372,14 @@ def epoch_seconds(runs: list[dict[str, Any]], threads: int | None) -> tuple[str,
 
 
 def plot_time_to_accuracy(runs: list[dict[str, Any]], data: str, path: Path, threads: int | None = 1) -> None:
-    """Test accuracy against cumulative training time (evaluation excluded, see :func:`epoch_seconds`)."""
+    """Test accuracy against cumulative training time (evaluation excluded, see :func:`epoch_seconds`); a run
+    repeated over seeds is drawn once, averaged over them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mine = [r for r in runs if r["spec"]["data"] == data and r.get("history")]
+    mine = [r for r in (mean_run(g) for g in seed_groups(runs)) if r["spec"]["data"] == data and r.get("history")]
     xlabel, secs = epoch_seconds(mine, threads)
     rules = [r["spec"]["rule"] for r in mine]
     fig, ax = plt.subplots(figsize=(11, 6))
