@@ -15,10 +15,12 @@ Scale. With ``theta`` equal to the number of units ``D`` (as in Hinton's Matlab 
 PyTorch reference, ``sum_of_squares - z.shape[1]``) and ``T = 1``, a freshly initialised layer has a
 goodness far below ``theta`` (on digits about 12 against 256), so ``sigmoid`` is exactly 0 on negative
 data and the loss is saturated: positive and negative data are pushed up alike until the goodness
-reaches ``theta``. The rule's default ``T = D / 4`` makes the logit ``4 * (mean_j y_j ** 2 - threshold)``,
-the per-unit (mean of squares) goodness of Hu's widely used PyTorch implementation (mohammadpz,
-``pytorch_forward_forward``: ``h.pow(2).mean(1) - threshold``), with a slope that keeps the first
-step away from 0 and 1 and is independent of the width.
+reaches ``theta``. The rule's default ``T = D / 4`` makes the logit ``4 * (mean_j y_j ** 2 - threshold)``:
+the per-unit (mean of squares) goodness of the widely copied PyTorch implementation
+``mohammadpz/pytorch_forward_forward`` (``h.pow(2).mean(1)`` against a threshold of 2), with a slope of 4
+that keeps the first step away from 0 and 1 (``p`` about 0.03-0.05 on digits) whatever the width. On
+digits, 20 epochs of Adam 1e-3 then reach 0.94 (ff) and 0.96 (cff) test accuracy, mean of 3 seeds,
+where the unscaled logit stayed at 0.39 (``tests/test_forward_forward.py``).
 
 Label placement. ``label_mode="auto"`` overwrites the first ``C`` input features with the label only
 where they are blank (MNIST's top row, as in the paper); when they carry signal (the 8x8 digits have ink
