@@ -417,7 +417,7 @@ def compare_markdown(result: dict[str, Any]) -> str:
     rows = result["results"]
     seeds = max((len(r.get("seeds") or [0]) for r in rows), default=1)
     out = [
-        f"| rule | test acc (mean ± sd, {seeds} seed{'s' if seeds != 1 else ''}) | time per epoch x backprop "
+        f"| rule | test acc (mean ± sd, {seeds} seed{'s' if seeds != 1 else ''}) | CPU time per epoch x backprop "
         "| peak MB | memory x backprop "
         "| cosine to true gradient after epoch 1 |",
         "|---|---:|---:|---:|---:|---:|",
