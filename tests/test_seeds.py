@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from forwardlearn.bench.accuracy import load_suite, run_suite, with_seeds
-from forwardlearn.bench.report import accuracy_markdown
+from forwardlearn.bench.report import accuracy_markdown, pm
 from forwardlearn.cli import main
-from forwardlearn.commands.compare import mean_sd, pm
+from forwardlearn.commands.compare import mean_sd
 
 SUITE = """
 name = "tiny"

@@ -405,7 +405,8 @@ def plot_time_to_accuracy(runs: list[dict[str, Any]], data: str, path: Path, thr
 
 
 # --- compare --------------------------------------------------------------------------------------
-def _pm(mean: Any, sd: Any, fmt: str) -> str:
+def pm(mean: Any, sd: Any, fmt: str) -> str:
+    """``mean ± sd`` (``-`` for a missing mean; the mean alone when there is no sd)."""
     if mean is None:
         return "-"
     return format(mean, fmt) + ("" if sd is None else f" ± {format(sd, fmt)}")
@@ -423,9 +424,9 @@ def compare_markdown(result: dict[str, Any]) -> str:
         "|---|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        out.append(f"| {r['rule']} | {_pm(r['test_acc'], r.get('test_acc_sd'), '.4f')} | "
+        out.append(f"| {r['rule']} | {pm(r['test_acc'], r.get('test_acc_sd'), '.4f')} | "
                    f"{_f(r.get('time_ratio'), '.2f')} | {_f(r.get('peak_mb'), '.1f')} | "
-                   f"{_f(r.get('mem_ratio'), '.2f')} | {_pm(r.get('cosine'), r.get('cosine_sd'), '.3f')} |")
+                   f"{_f(r.get('mem_ratio'), '.2f')} | {pm(r.get('cosine'), r.get('cosine_sd'), '.3f')} |")
     out += ["", f"`{meta['command']}` on {meta['machine']}, torch {meta['torch']}, {meta['threads']} thread(s), "
                 f"device {meta['device']}; {meta['total_seconds']:.0f} s in all."]
     return "\n".join(out) + "\n"

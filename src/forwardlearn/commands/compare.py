@@ -24,6 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from ..bench.report import pm
 from ._common import add_common, positive
 
 NAME = "compare"
@@ -86,13 +87,6 @@ def mean_sd(values: list[float | None]) -> tuple[float | None, float | None]:
     if not v:
         return None, None
     return statistics.fmean(v), (statistics.stdev(v) if len(v) > 1 else None)
-
-
-def pm(mean: float | None, sd: float | None, fmt: str) -> str:
-    """``mean +/- sd`` (``-`` for a missing mean; the mean alone when there is no sd)."""
-    if mean is None:
-        return "-"
-    return format(mean, fmt) + ("" if sd is None else f" ± {format(sd, fmt)}")
 
 
 def _fmt_table(rows: list[dict[str, Any]]) -> list[str]:
