@@ -124,7 +124,7 @@ def _rules(spec: str) -> list[str]:
 def _cost(args: argparse.Namespace) -> int:
     from ..bench.cost import Arch, CostConfig, run_cost, sweep_archs
     from ..bench.report import run_meta
-    from ..train import resolve_device
+    from ..training import resolve_device
 
     device = str(resolve_device(args.device))
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -156,7 +156,7 @@ def _cost(args: argparse.Namespace) -> int:
 def _accuracy(args: argparse.Namespace) -> int:
     from ..bench.accuracy import load_suite, run_suite, with_seeds
     from ..bench.report import run_meta
-    from ..train import resolve_device
+    from ..training import resolve_device
 
     suite = with_seeds(load_suite("quick" if args.quick else args.suite), args.seeds)
     if args.list:

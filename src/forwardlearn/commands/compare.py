@@ -146,7 +146,7 @@ def cosine_after_first_epoch(name: str, spec: Any, state: tuple[dict[str, Any], 
         probe = rule.attach(cls.default_model(spec.shape, spec.classes).to(device))
         probe.load_state_dict(model_state, strict=False)
     try:
-        res = gradient_alignment(rule, probe, x, y, samples=1, names=True)
+        res = gradient_alignment(probe, rule, x, y, samples=1, names=True)
     except RuntimeError as e:  # no exact gradient to compare with (a black-box layer, say)
         return None, str(e).splitlines()[0] if str(e) else type(e).__name__
     per = res["per_parameter"]
@@ -161,8 +161,9 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import data
     from ..bench.memory import peak_memory, train_step_peak
-    from ..rules import get_rule, rule_class
-    from ..train import resolve_device, train
+    from ..rules import rule_class
+    from ..training import resolve_device
+    from ..training.run import build_run, run_config
 
     torch.set_num_threads(args.threads or 1)  # small models: one thread is fastest and least disturbed by load
     names = select_rules(args.rules)
@@ -186,13 +187,11 @@ def run(args: argparse.Namespace) -> int:
         per_seed = []
         try:
             for seed in seeds:
-                torch.manual_seed(seed)
-                rule = get_rule(name, seed=seed)
-                model = cls.default_model(spec.shape, spec.classes)
+                cfg = run_config(name, args.data, model="default", epochs=epochs, seed=seed)
+                r = build_run(cfg, device=device, load_data=False)
                 first = _FirstEpoch()
-                hist = train(model, rule, (Xtr, ytr), (Xte, yte), optimizer=d["optimizer"], lr=d["lr"],
-                             epochs=epochs, batch_size=d["batch_size"], seed=seed, progress=not args.quiet,
-                             device=device, eval_train=False, callbacks=[first])
+                hist = r.trainer(progress=not args.quiet, eval_train=False, callbacks=[first]).fit(
+                    (Xtr, ytr), (Xte, yte))
                 cos, why = cosine_after_first_epoch(name, spec, first.state, Xtr[:n].to(device), ytr[:n].to(device),
                                                     seed + 1, device)
                 if why and seed == seeds[0]:
