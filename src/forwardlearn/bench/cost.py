@@ -163,12 +163,11 @@ def prepare(job: Job, device: torch.device | str = "cpu") -> tuple[Callable[[], 
     rule = get_rule(job.rule, seed=job.seed, **dict(job.options))
     model = rule.attach(model)
     if job.kind == "fused":
-        fused = getattr(rule, "fused_step", None)
-        if fused is None:
+        if not rule.supports_fused:
             raise ValueError(f"rule {job.rule!r} has no fused_step")
 
         def fused_step() -> float:
-            return fused(model, x, y, job.lr)
+            return rule.fused_step(model, x, y, job.lr)
         return fused_step, model, rule
     opt = torch.optim.SGD(trainable_parameters(model), lr=job.lr)
 
@@ -332,7 +331,7 @@ def jobs_for(arch: Arch, rules: Sequence[str], cfg: CostConfig) -> tuple[list[Jo
         for variant, options in [("", {}), *VARIANTS.get(name, [])]:
             extra = {"variant": variant, "options": tuple(sorted(options.items()))}
             jobs.append(Job(kind="rule", rule=name, **common, **extra))
-            if callable(getattr(cls, "fused_step", None)):
+            if cls.supports_fused:
                 jobs.append(Job(kind="fused", rule=name, **common, **extra))
     return jobs, skipped
 
@@ -399,8 +398,8 @@ def bench_arch(arch: Arch, rules: Sequence[str], cfg: CostConfig, progress: bool
             if job.kind == "rule" and cfg.cosine:
                 from ..rules import get_rule
 
-                al = gradient_alignment(get_rule(job.rule, seed=cfg.seed + 1, **dict(job.options)), init_model, x, y,
-                                        samples=cfg.samples, names=False)
+                scored = get_rule(job.rule, seed=cfg.seed + 1, **dict(job.options))
+                al = gradient_alignment(init_model, scored, x, y, samples=cfg.samples, names=False)
                 row.update({"cosine": al["cosine"], "mean_cosine": al["mean_cosine"], "samples": cfg.samples,
                             "norm_ratio": al["norm_ratio"]})
         except Exception as e:  # noqa: BLE001 - one failing rule must not sink the benchmark
