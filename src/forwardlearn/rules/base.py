@@ -24,6 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.batches import Inputs, call_model, logits_of
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 _REGISTRY: dict[str, type[Rule]] = {}
@@ -189,9 +191,10 @@ class Rule:
         """Accumulate the rule's update into ``p.grad`` of every trained parameter; return the loss."""
         raise NotImplementedError
 
-    def predict(self, model: nn.Module, inputs: Tensor) -> Tensor:
-        """Class scores ``(N, C)``. Default: ``model(inputs)``."""
-        return model(inputs)
+    def predict(self, model: nn.Module, inputs: Inputs) -> Tensor:
+        """Class scores ``(N, C)``. Default: the model's output (``model(**inputs)`` for a mapping), or its
+        ``.logits``."""
+        return logits_of(call_model(model, inputs))
 
     def state_dict(self) -> dict[str, Any]:
         """All rule state as tensors and plain values (loadable with ``weights_only=True``)."""
