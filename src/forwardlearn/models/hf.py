@@ -118,6 +118,8 @@ def load_classifier(path: Path, classes: int = 2, params: str = "full", attentio
     hidden = getattr(config, "hidden_size", None)
     if not isinstance(hidden, int):
         raise ValueError(f"{path}: the model config has no hidden_size; only encoders are supported")
+    if getattr(encoder, "pooler", None) is not None:  # unused by mean pooling: no weights that get no gradient
+        encoder.pooler = None
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = TextClassifier(encoder, hidden, classes)
