@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Create .venv and install forwardlearn (editable) with its test tools and the `hf` extra (fine-tuning), once;
-# later runs return at once
-# unless pyproject.toml or constraints.txt changed. torch is pinned to the CPU build in constraints.txt.
+# later runs return at once unless pyproject.toml or constraints.txt changed. torch is pinned to the CPU build
+# in constraints.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
