@@ -78,6 +78,14 @@ def settings(rule: str, params: str = "full", lr: float | None = None, step: str
             "optimizer": optimizer or d["optimizer"], "options": {**d["options"], **(options or {})}}
 
 
+def optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    """``sgd`` (plain, no momentum: the rules' estimates are used as they are), ``adam`` or ``adamw``."""
+    kinds = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+    if name not in kinds:
+        raise ValueError(f"unknown optimizer {name!r}; valid: {', '.join(kinds)}")
+    return kinds[name](params, lr=lr)
+
+
 def _test_subset(groups: list[str], size: int | None, seed: int) -> list[int]:
     """A seeded random ``size`` of the test split, stratified by group (all of it for ``None``)."""
     n = len(groups)
@@ -108,6 +116,7 @@ def prepare(model: str = hf.MINILM, data: str = "spam-assassin", *, rule: str = 
                          "does not have on CPU; use --attention eager")
     path = hf.model_dir(model)
     tokenizer = hf.load_tokenizer(path)
+    hf.check_max_length(tokenizer, max_length)
     root = fldata.data_dir(data_dir)
     train_split, test_split = load_split("train", root), load_split("test", root)
     keep = _test_subset(test_split.groups, test_size, seed)
@@ -141,7 +150,7 @@ def finetune(prep: Prepared, *, steps: int, eval_every: int | None = None, out: 
              resume: bool = False, progress: bool = True, threads: int | None = None) -> dict[str, Any]:
     """Train ``prep.model`` with the shared :class:`~forwardlearn.training.Trainer`; return the summary (also
     written to ``out``: ``summary.json``, ``summary.md``, ``accuracy.png``)."""
-    from .training import Callback, Trainer, make_optimizer, make_strategy, read_config
+    from .training import Callback, Trainer, make_strategy, read_config
 
     cfg = dict(prep.config)
     eval_every = eval_every or steps
@@ -165,8 +174,7 @@ def finetune(prep: Prepared, *, steps: int, eval_every: int | None = None, out: 
     strategy = make_strategy(cfg["step"], lr=cfg["lr"])
     opt = None
     if strategy.needs_optimizer:
-        kw = {"momentum": 0.0} if cfg["optimizer"] == "sgd" else {}
-        opt = make_optimizer(cfg["optimizer"], trainable_parameters(model), cfg["lr"], **kw)
+        opt = optimizer(cfg["optimizer"], trainable_parameters(model), cfg["lr"])
     hard = [i for i, g in enumerate(prep.test_groups) if g == "hard-ham-1"]
     hard_x = {k: v[hard] for k, v in prep.test[0].items()}
     hard_y = prep.test[1][hard]

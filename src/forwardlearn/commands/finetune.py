@@ -41,11 +41,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import warnings
     from pathlib import Path
 
     from .. import finetune as ft
+    from ..models import hf
 
     ft.settings(args.rule, args.params)  # the cheap checks first
+    hf.quiet()
+    warnings.filterwarnings("ignore", category=FutureWarning)
     out = Path(args.out or f"runs/finetune-{args.rule}-{args.params}")
     if (out / "checkpoint.pt").exists() and not args.resume:
         raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")

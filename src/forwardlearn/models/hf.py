@@ -145,13 +145,27 @@ def check_tokenizer(tokenizer: Any, model: TextClassifier, path: Path) -> None:
                          f"has {rows} rows)")
 
 
-def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, Tensor]:
-    """Token tensors of ``texts``, padded and truncated to ``max_length`` tokens (done once, kept in memory)."""
-    if not isinstance(max_length, int) or max_length < 2:
+def quiet() -> None:
+    """Silence the Hugging Face libraries' progress bars and warnings (for the command line)."""
+    _require_hf()
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
+def check_max_length(tokenizer: Any, max_length: int) -> None:
+    """``ValueError`` unless ``max_length`` is at least 2 and at most what the tokenizer's model takes."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
         raise ValueError(f"--max-length must be an integer >= 2, got {max_length!r}")
     limit = getattr(tokenizer, "model_max_length", None)
     if isinstance(limit, int) and max_length > limit:
         raise ValueError(f"--max-length {max_length} is longer than the model takes ({limit} tokens)")
+
+
+def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, Tensor]:
+    """Token tensors of ``texts``, padded and truncated to ``max_length`` tokens (done once, kept in memory)."""
+    check_max_length(tokenizer, max_length)
     empty = [i for i, t in enumerate(texts) if not isinstance(t, str) or not t.strip()]
     if empty:
         raise ValueError(f"text {empty[0]} is empty ({len(empty)} empty texts); every example needs some text")
