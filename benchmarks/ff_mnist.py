@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 import forwardlearn as fl
-from forwardlearn.train import Callback, Trainer, accuracy, make_optimizer, resolve_device
+from forwardlearn.training import Callback, Trainer, accuracy, make_optimizer, resolve_device
 
 
 class _Stop(Exception):

@@ -15,7 +15,7 @@ import forwardlearn as fl
 from forwardlearn.data.common import DataError
 from forwardlearn.data.graphs import IGNORE, Graph, csbm, load_planetoid, normalized_adjacency
 from forwardlearn.models.gnn import GNN, GraphConv
-from forwardlearn.rules.forward_gnn import train_graph
+from forwardlearn.training import train_graph
 
 VARIANTS = [{"variant": "sf"}, {"variant": "sf", "top_down": True}, {"variant": "ff"}]
 

@@ -11,7 +11,7 @@ from torch import nn
 import forwardlearn as fl
 from forwardlearn.physical import BlackBox, SimulatedPhysicalLayer, physical_network
 from forwardlearn.rules.model_free import blocks_of
-from forwardlearn.train import accuracy
+from forwardlearn.training import accuracy
 
 
 def test_blackbox_wraps_torch_and_numpy_functions():

@@ -196,18 +196,6 @@ def _base_default_model() -> Any:
     return Rule.default_model.__func__
 
 
-def build_model(spec: dict[str, Any], shape: tuple[int, ...], classes: int) -> Any:
-    from ..models import build
-    from ..rules import rule_class
-
-    if spec["model"] == "default":  # the rule's own model (its initialisation, say), with the run's widths
-        cls = rule_class(spec["rule"])
-        if spec.get("hidden") is not None and list(spec["hidden"]) != list(cls.defaults.get("hidden") or []):
-            cls = type(cls.__name__, (cls,), {"defaults": {**cls.defaults, "hidden": list(spec["hidden"])}})
-        return cls.default_model(shape, classes)
-    return build(spec["model"], shape, classes, spec.get("hidden"), spec.get("activation", "relu"))
-
-
 def _training_keys(spec: dict[str, Any]) -> dict[str, Any]:
     """What decides the training (the paper's number and the note do not)."""
     return {k: v for k, v in spec.items() if k not in ("paper", "note")}
@@ -227,10 +215,7 @@ def _stored_history(run_dir: Path) -> list[dict[str, float]]:
 def train_run(spec: dict[str, Any], run_dir: Path, data: tuple[Any, Any], shape: tuple[int, ...], classes: int,
               device: Any, progress: bool, eval_threads: int | None = None) -> list[dict[str, float]]:
     """Train one run into ``run_dir`` (resuming from its checkpoint); returns the per-epoch history."""
-    import torch
-
-    from ..rules import get_rule, trainable_parameters
-    from ..train import Trainer, make_optimizer
+    from ..training.run import build_run
 
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_path = run_dir / "spec.json"
@@ -241,13 +226,8 @@ def train_run(spec: dict[str, Any], run_dir: Path, data: tuple[Any, Any], shape:
                              "a new id")
     else:
         spec_path.write_text(json.dumps(spec, indent=1) + "\n")
-    torch.manual_seed(spec["seed"])
-    rule = get_rule(spec["rule"], seed=spec["seed"], **spec["options"])
-    model = rule.attach(build_model(spec, shape, classes).to(device))
-    opt = make_optimizer(spec["optimizer"], trainable_parameters(model), spec["lr"])
-    trainer = Trainer(model, rule, opt, epochs=spec["epochs"], batch_size=spec["batch_size"], seed=spec["seed"],
-                      out_dir=run_dir, progress=progress, device=device, config=spec, eval_train=False,
-                      eval_threads=eval_threads)
+    run = build_run({**spec, "shape": list(shape), "classes": classes}, device=device, load_data=False)
+    trainer = run.trainer(out_dir=run_dir, progress=progress, eval_train=False, eval_threads=eval_threads)
     (train, test) = data
     trainer.fit(train, test, resume=True)
     return trainer.history.epochs
@@ -264,7 +244,7 @@ def run_suite(suite: dict[str, Any], results: Path, work: Path, *, device: str =
     import torch
 
     from .. import data as fldata
-    from ..train import resolve_device
+    from ..training import resolve_device
     from .report import accuracy_markdown, plot_time_to_accuracy, write_json
 
     if threads is not None:

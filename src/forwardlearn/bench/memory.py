@@ -121,7 +121,7 @@ def train_step_peak(
     Meant to run inside :func:`peak_memory`; the second of two steps is the steady state, so both run.
     """
     from ..rules import get_rule, trainable_parameters
-    from ..train import make_optimizer
+    from ..training import make_optimizer
 
     torch.manual_seed(seed)
     rule = get_rule(rule_name, seed=seed, **options)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-from pathlib import Path
 from typing import Any
 
 
@@ -56,44 +55,3 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=positive(int, "--threads"), default=None,
                    help="torch CPU threads (compare: default 1)")
-
-
-def run_directory(args: argparse.Namespace, resume: bool) -> Path:
-    """``--out`` (default ``runs/<rule>-<data>``); refuses to overwrite a run unless resuming."""
-    out = Path(args.out or f"runs/{args.rule}-{args.data}")
-    if (out / "checkpoint.pt").exists() and not resume:
-        raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
-    return out
-
-
-def check_resume(out: Path, cfg: dict[str, Any], keys: tuple[str, ...]) -> None:
-    """Refuse to resume ``out`` when one of ``keys`` of ``cfg`` differs from the setting its checkpoint was
-    trained with (more ``epochs`` is fine: that is what resuming is for)."""
-    import torch
-
-    path = out / "checkpoint.pt"
-    if not path.exists():
-        return
-    old = torch.load(path, map_location="cpu", weights_only=True).get("config", {})
-    changed = [k for k in keys if k in old and old[k] != cfg[k]]
-    if changed:
-        raise ValueError(f"resuming {out} with settings that differ from its checkpoint: {', '.join(changed)}")
-
-
-RESUME_KEYS = ("rule", "data", "model", "hidden", "activation", "batch_size", "optimizer", "lr", "seed")
-
-
-def training_config(args: argparse.Namespace, defaults: dict[str, Any], hidden: list[int] | None) -> dict[str, Any]:
-    """The settings of a training run: command-line values, else the rule's documented defaults."""
-    return {
-        "rule": args.rule,
-        "data": args.data,
-        "model": args.model or defaults.get("model", "mlp"),
-        "hidden": hidden if hidden is not None else list(defaults.get("hidden") or []),
-        "activation": args.activation,
-        "epochs": args.epochs or defaults["epochs"],
-        "batch_size": args.batch_size or defaults["batch_size"],
-        "lr": args.lr or defaults["lr"],
-        "optimizer": args.optimizer or defaults["optimizer"],
-        "seed": args.seed,
-    }

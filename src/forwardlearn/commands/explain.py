@@ -56,14 +56,14 @@ def _feature_names(name: str, n: int) -> list[str]:
 
 
 def _load_checkpoint(path: Path, device: Any) -> tuple[Any, dict[str, Any]]:
-    import torch
 
     from ..models.harsanyi import HarsanyiNet
+    from ..training.checkpoint import load_checkpoint
 
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state = load_checkpoint(path, ("config", "model"), map_location=device)
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
         model = HarsanyiNet.from_config(state["config"])
         model.load_state_dict(state["model"])
     except (KeyError, TypeError, RuntimeError) as e:
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import data as fldata
     from ..models.harsanyi import HarsanyiNet
     from ..rules import get_rule
-    from ..train import accuracy, resolve_device, train
+    from ..training import accuracy, resolve_device, train
 
     spec = fldata.info(args.data)
     form = "mlp" if len(spec.shape) == 1 else "cnn"

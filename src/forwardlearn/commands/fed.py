@@ -44,13 +44,13 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import data, models
     from ..distributed.federated import baffle, dirichlet_split, fedavg
-    from ..rules import get_rule, rule_class
+    from ..rules import SeedScalarRule, get_rule, rule_class
 
     torch.set_num_threads(args.threads)
     spec = data.info(args.data)
     hidden = parse_hidden(args.hidden)
     cls = rule_class(args.rule)
-    if not (hasattr(cls, "estimate") and hasattr(cls, "apply")):
+    if not issubclass(cls, SeedScalarRule):
         raise ValueError(f"rule {args.rule!r} has no seed-and-scalar API (estimate/apply); "
                          "BAFFLE needs one: zo_spsa or forward_gradient")
     options = {"directions": args.directions, **parse_options(args.opt)}

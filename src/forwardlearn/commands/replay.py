@@ -41,7 +41,9 @@ def run(args: argparse.Namespace) -> int:
     print(f"update log: {per_step} B/step ({os.path.getsize(args.log)} B in all); "
           f"model weights: {ckpt_bytes} B ({ckpt_bytes / per_step:.0f}x one step's record)")
     if args.check:
-        ref = torch.load(args.check, map_location="cpu", weights_only=True)
+        from ..training.checkpoint import load_checkpoint
+
+        ref = load_checkpoint(args.check, keys=())
         ref = ref.get("model", ref)
         bad = [k for k in state if k not in ref or not torch.equal(state[k], ref[k])]
         if bad or set(ref) != set(state):

@@ -5,6 +5,7 @@ import pkgutil
 
 from .base import (
     Rule,
+    SeedScalarRule,
     accumulate_grad,
     available_rules,
     check_finite,
@@ -21,6 +22,7 @@ for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
 
 __all__ = [
     "Rule",
+    "SeedScalarRule",
     "accumulate_grad",
     "available_rules",
     "check_finite",

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -157,8 +157,11 @@ class Rule:
     }
     #: True for rules that never run a reverse-mode pass across the network
     forward_only: ClassVar[bool] = False
-    #: what ``inputs`` are: "tensor" (a batch of examples) or "graph" (see ``forwardlearn.data.graphs``)
+    #: what ``inputs`` are: "tensor" (a batch of examples, or a mapping of tensors such as a tokenizer's
+    #: output, see ``forwardlearn.data.batches``) or "graph" (see ``forwardlearn.data.graphs``)
     data_kind: ClassVar[str] = "tensor"
+    #: True for rules with ``fused_step(model, inputs, targets, lr, weight_decay)`` (the step without ``.grad``)
+    supports_fused: ClassVar[bool] = False
 
     @classmethod
     def default_model(cls, shape: tuple[int, ...], classes: int) -> nn.Module:
@@ -187,7 +190,7 @@ class Rule:
         """Add what the rule needs to ``model`` and return it. Idempotent. Default: nothing."""
         return model
 
-    def grads(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
+    def grads(self, model: nn.Module, inputs: Inputs, targets: Tensor) -> float:
         """Accumulate the rule's update into ``p.grad`` of every trained parameter; return the loss."""
         raise NotImplementedError
 
@@ -195,6 +198,11 @@ class Rule:
         """Class scores ``(N, C)``. Default: the model's output (``model(**inputs)`` for a mapping), or its
         ``.logits``."""
         return logits_of(call_model(model, inputs))
+
+    def fused_step(self, model: nn.Module, inputs: Inputs, targets: Tensor, lr: float,
+                   weight_decay: float = 0.0) -> float:
+        """Estimate and apply an SGD step in place, without ``.grad`` (rules with ``supports_fused``)."""
+        raise NotImplementedError(f"rule {self.name!r} has no fused step")
 
     def state_dict(self) -> dict[str, Any]:
         """All rule state as tensors and plain values (loadable with ``weights_only=True``)."""
@@ -229,13 +237,45 @@ class Rule:
         return f"{type(self).__name__}({args})"
 
 
-def parameters_of(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
-    """Trainable parameters of several modules, each once."""
-    seen: set[int] = set()
-    out = []
-    for m in modules:
-        for p in m.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
+class SeedScalarRule(Rule):
+    """A rule whose update is ``K = directions`` pairs ``(seed, scalar)``: the seed regenerates a direction
+    ``v_k`` over the trained parameters, the scalar weighs it, and the update is ``mean_k scalar_k v_k``.
+
+    This is what distributed training by seed exchange, federated BAFFLE rounds and replay logs need:
+
+    - ``estimate(model, inputs, targets) -> (seeds, scalars, loss)``: the ``K`` seeds (drawn from the rule's
+      own CPU stream) and float64 scalars; touches no ``.grad`` and leaves the weights as they were;
+    - ``apply(model, seeds, scalars)``: ``p.grad += mean_k scalars[k] v_k``, each ``v_k`` regenerated from
+      its seed, bit-identically on every process;
+    - ``fused_apply(model, seeds, scalars, lr, weight_decay=0.0)`` (when ``supports_fused``): the SGD step
+      ``p <- p - lr (mean_k scalars[k] v_k + weight_decay p)`` in place, without ``.grad``.
+
+    ``grads`` is ``estimate`` then ``apply``.
+    """
+
+    directions: int
+
+    def estimate(self, model: nn.Module, inputs: Inputs, targets: Tensor) -> tuple[list[int], Tensor, float]:
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module, seeds: list[int], scalars: Tensor) -> None:
+        raise NotImplementedError
+
+    def fused_apply(self, model: nn.Module, seeds: list[int], scalars: Tensor, lr: float,
+                    weight_decay: float = 0.0) -> None:
+        raise NotImplementedError(f"rule {self.name!r} has no fused step")
+
+    def grads(self, model: nn.Module, inputs: Inputs, targets: Tensor) -> float:
+        seeds, scalars, loss = self.estimate(model, inputs, targets)
+        self.apply(model, seeds, scalars)
+        self.steps += 1
+        return loss
+
+
+def require_seed_scalar(rule: Rule, what: str) -> SeedScalarRule:
+    """``rule`` if it is a :class:`SeedScalarRule`, else ``ValueError`` naming the rules that are."""
+    if not isinstance(rule, SeedScalarRule):
+        names = ", ".join(n for n in available_rules() if issubclass(_REGISTRY[n], SeedScalarRule))
+        raise ValueError(f"rule {rule.name!r} has no seed-and-scalar API (estimate/apply); {what} needs one of: "
+                         f"{names}")
+    return rule

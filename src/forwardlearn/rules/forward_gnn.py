@@ -29,14 +29,13 @@ convergence; with one optimizer step per layer per epoch the per-layer updates a
 Data contract (see :mod:`forwardlearn.data.graphs`): ``inputs`` is a whole
 :class:`~forwardlearn.data.graphs.Graph`, ``targets = graph.targets()`` holds the labels the rule may use
 and ``IGNORE`` elsewhere. ``predict(model, graph)`` scores every node and uses only the labels of
-``graph.train_mask`` as context. :func:`train_graph` is the full-batch training loop for graph rules
-(``backprop`` included).
+``graph.train_mask`` as context. :func:`forwardlearn.training.graph.train_graph` is the full-batch
+training loop for graph rules (``backprop`` included).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -46,8 +45,7 @@ from torch import Tensor, nn
 
 from ..data.graphs import Graph, normalized_adjacency
 from ..models.gnn import GNN, GraphConv
-from ..train import History, NonFiniteError, make_optimizer, resolve_device
-from .base import LossFn, Rule, accumulate_grad, check_finite, register, trainable_parameters
+from .base import LossFn, Rule, accumulate_grad, check_finite, register
 
 VARIANTS = ("ff", "sf")
 
@@ -350,67 +348,4 @@ class ForwardGNN(Rule):
         self.virtual_features = v.detach().clone() if v is not None else None
 
 
-# --- full-batch training of graph rules ----------------------------------------------------------
-@torch.no_grad()
-def node_accuracy(rule: Rule, model: nn.Module, graph: Graph, mask: Tensor) -> float:
-    """Fraction of the nodes in ``mask`` that ``rule.predict`` classifies as ``graph.y``."""
-    was = model.training
-    model.eval()
-    pred = rule.predict(model, graph).argmax(1)
-    model.train(was)
-    m = mask & (graph.y >= 0)
-    return float((pred[m] == graph.y[m]).float().mean()) if bool(m.any()) else float("nan")
-
-
-def train_graph(
-    model: nn.Module,
-    rule: Rule,
-    graph: Graph,
-    *,
-    optimizer: torch.optim.Optimizer | str = "adam",
-    lr: float = 0.01,
-    weight_decay: float = 0.0,
-    epochs: int = 100,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    eval_every: int = 1,
-) -> History:
-    """Full-batch node classification: one ``rule.grads(model, graph, graph.targets())`` step per epoch.
-
-    Works for every rule that accepts a :class:`Graph` (``backprop`` with a ``GNN`` that has a head,
-    ``forward_gnn`` with a head-less one). Returns a :class:`~forwardlearn.train.History` with ``loss``,
-    ``seconds`` (training time of the epoch) and, every ``eval_every`` epochs, ``train_acc``,
-    ``val_acc``, ``test_acc``. ``seed`` seeds dropout (torch's global stream, restored afterwards).
-    """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every <= 0:
-        raise ValueError(f"eval_every must be a positive integer, got {eval_every!r}")
-    dev = resolve_device(device)
-    graph = graph.to(dev)
-    model = rule.attach(model.to(dev))
-    if isinstance(optimizer, str):
-        optimizer = make_optimizer(optimizer, trainable_parameters(model), lr, weight_decay=weight_decay)
-    targets = graph.targets()
-    history = History()
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(seed)
-        model.train()
-        for epoch in range(1, epochs + 1):
-            t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss = rule.grads(model, graph, targets)
-            if not math.isfinite(loss):
-                raise NonFiniteError(f"non-finite loss {loss} at epoch {epoch}")
-            optimizer.step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            record: dict[str, float] = {"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - t0}
-            if epoch % eval_every == 0 or epoch == epochs:
-                for split, mask in (("train", graph.train_mask), ("val", graph.val_mask), ("test", graph.test_mask)):
-                    record[f"{split}_acc"] = node_accuracy(rule, model, graph, mask)
-            history.epochs.append(record)
-    return history
-
-
-__all__ = ["ForwardGNN", "graph_layers", "l2_normalize", "node_accuracy", "train_graph"]
+__all__ = ["ForwardGNN", "graph_layers", "l2_normalize"]

@@ -28,11 +28,11 @@ from ..forward_only.forward_mode import (
     per_example_directional,
 )
 from ..forward_only.local import accumulate_layer, layer_weight_grads, perturbable_layers
-from .base import LossFn, Rule, check_finite, check_int, register, trainable_parameters
+from .base import LossFn, Rule, SeedScalarRule, check_finite, check_int, register, trainable_parameters
 
 
 @register
-class ForwardGradient(Rule):
+class ForwardGradient(SeedScalarRule):
     """Forward gradient, weight perturbation (Baydin et al. 2022, Sec. 3, Eq. 1 and Theorem 1).
 
     For ``K = directions`` tangents ``v_k`` over all trained parameters (``E[v v^T] = I``), one
