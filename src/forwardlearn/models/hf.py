@@ -120,20 +120,20 @@ def load_classifier(path: Path, classes: int = 2, params: str = "full", attentio
         raise ValueError(f"{path}: the model config has no hidden_size; only encoders are supported")
     if getattr(encoder, "pooler", None) is not None:  # unused by mean pooling: no weights that get no gradient
         encoder.pooler = None
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng(devices=[]):  # the head and the LoRA factors from `seed`, whatever came before
         torch.manual_seed(seed)
         model = TextClassifier(encoder, hidden, classes)
-    if params == "head":
-        model.encoder.requires_grad_(False)
-    elif params == "lora":
-        from peft import LoraConfig, get_peft_model
+        if params == "head":
+            model.encoder.requires_grad_(False)
+        elif params == "lora":
+            from peft import LoraConfig, get_peft_model
 
-        targets = [n for n in ("query", "value", "q_proj", "v_proj", "q_lin", "v_lin")
-                   if any(name.endswith(n) for name, _ in encoder.named_modules())]
-        if not targets:
-            raise ValueError(f"{path}: no attention query/value projections found for LoRA")
-        cfg = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=targets)
-        model.encoder = get_peft_model(encoder, cfg)
+            targets = [n for n in ("query", "value", "q_proj", "v_proj", "q_lin", "v_lin")
+                       if any(name.endswith(n) for name, _ in encoder.named_modules())]
+            if not targets:
+                raise ValueError(f"{path}: no attention query/value projections found for LoRA")
+            cfg = LoraConfig(r=lora_rank, lora_alpha=2 * lora_rank, lora_dropout=0.0, target_modules=targets)
+            model.encoder = get_peft_model(encoder, cfg)
     return model
 
 
