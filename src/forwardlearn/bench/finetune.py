@@ -5,7 +5,9 @@ Rows (:data:`ROWS`): inference, ``zo_spsa`` fused full fine-tuning, ``zo_spsa`` 
 
 - Memory (:func:`step_cost`, run in a fresh child process per row by :func:`~.memory.peak_memory`): the peak
   resident set above the child's baseline, taken after ``torch``, ``transformers`` and ``peft`` are imported
-  and before the model is loaded, so the weights, optimizer state, activations and every temporary count.
+  and before the model is loaded, so the weights, optimizer state, activations and every temporary count
+  (safetensors maps the weights from the file lazily; every weight is read once after loading, so that
+  embedding rows no batch uses count too, in every row alike).
   Two steps run (the second is the steady state: Adam's state exists from the first).
 - Time: in the same child, the median over ``repeats`` of one training step and of one forward pass
   (``torch.no_grad``, eval mode) on the same batch; the row's cost is their ratio, so both come from one
@@ -61,6 +63,9 @@ def step_cost(model_dir: str, row: str, batch_size: int, max_length: int, repeat
         raise RuntimeError("cannot reset the peak-memory counter (/proc/self/clear_refs is not writable)")
     attention = "eager" if rule_name == "forward_gradient" else "sdpa"
     model = hf.load_classifier(hf.model_dir(model_dir), params=params, attention=attention, seed=seed)
+    with torch.no_grad():  # safetensors maps the weights from the file lazily: read each once, so all count
+        for p in model.parameters():
+            float(p.sum())
     vocab = model.encoder.get_input_embeddings().weight.shape[0]
     x, y = token_batch(vocab, batch_size, max_length, seed)
 
