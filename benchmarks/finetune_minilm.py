@@ -30,33 +30,26 @@ def accuracy_part(args: argparse.Namespace, results: dict[str, Any]) -> None:
     import torch
 
     from forwardlearn import finetune as ft
-    from forwardlearn.models import hf
 
     torch.set_num_threads(args.threads)
     steps = {"zo_spsa": args.zo_steps, "forward_gradient": args.steps, "backprop": args.steps}
     acc = results.setdefault("accuracy", {})
     runs = Path(args.runs)
-    probe_prep = None
+    head: str | dict = "probe"  # LP-FT: every row starts from the same linear probe, fitted once
     for row, (rule, params, _) in ROWS.items():
-        if rule is None:
+        if rule is None or (args.rows and row not in args.rows):
             continue
         prep = ft.prepare(args.model, rule=rule, params=params, batch_size=args.batch_size,
-                          max_length=args.acc_max_length, test_size=args.test_size, seed=0)
-        if "probe" not in results and probe_prep is None and params == "full":
-            probe_prep = prep
-            n = min(args.probe_train, len(prep.train[1]))
-            keep = torch.randperm(len(prep.train[1]), generator=torch.Generator().manual_seed(0))[:n]
-            xtr = ({k: v[keep] for k, v in prep.train[0].items()}, prep.train[1][keep])
-            probe_acc, pred = hf.linear_probe(prep.model, xtr, prep.test)
-            hard = [i for i, g in enumerate(prep.test_groups) if g == "hard-ham-1"]
-            results["probe"] = {"test_acc": probe_acc, "train_messages": n,
-                                "hard_ham_acc": float((pred[hard] == prep.test[1][hard]).float().mean())}
-            write(results, args)
+                          max_length=args.acc_max_length, test_size=args.test_size, seed=0, head=head,
+                          probe_train=args.probe_train)
+        head = {k: v.clone() for k, v in prep.model.head.state_dict().items()}
         n_steps = steps[rule]
         summary = ft.finetune(prep, steps=n_steps, eval_every=max(1, n_steps // args.evals), resume=True,
                               out=runs / row.replace(" ", "").replace(",", "-").replace("+", "-"),
                               progress=not args.quiet, threads=args.threads)
-        acc[row] = {"config": summary["config"], "records": summary["records"]}
+        results["probe"] = {**summary["start"], "train_messages": summary["config"]["probe_train"]}
+        acc[row] = {"config": summary["config"], "records": [{"step": 0, "seconds": 0.0, **summary["start"]},
+                                                             *summary["records"]]}
         write(results, args)
 
 
@@ -124,7 +117,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=500, help="steps of the forward_gradient and backprop rows")
     ap.add_argument("--evals", type=int, default=5, help="evaluations per run")
     ap.add_argument("--test-size", type=int, default=None, help="test subset (default: the whole test split)")
-    ap.add_argument("--probe-train", type=int, default=100000, help="training messages of the linear probe")
+    ap.add_argument("--probe-train", type=int, default=1024, help="training messages of the linear probe")
+    ap.add_argument("--rows", nargs="*", default=None, help="only these accuracy rows (default: all)")
     ap.add_argument("--runs", default="runs/bench-finetune")
     ap.add_argument("--results", default="benchmarks/results/finetune_minilm")
     ap.add_argument("--quiet", action="store_true")
@@ -141,8 +135,9 @@ def main() -> None:
         write(results, args)
     if args.part in ("accuracy", "all"):
         results["accuracy_command"] = command
-        results.pop("probe", None)
-        results["accuracy"] = {}
+        if not args.rows:
+            results.pop("probe", None)
+            results["accuracy"] = {}
         accuracy_part(args, results)
     print(markdown(results))
 

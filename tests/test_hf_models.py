@@ -108,3 +108,18 @@ def test_forward_gradient_through_sdpa_attention_works_or_names_the_layer(tiny_d
         assert "forward-mode AD cannot go through layer 'encoder.encoder.layer.0.attention" in str(e)
     else:
         assert float(d[0]) == pytest.approx(float(eager[0]), rel=1e-4)
+
+
+def test_probe_head_predicts_what_the_logistic_regression_predicts(tiny_dir, batch):
+    from sklearn.linear_model import LogisticRegression
+
+    x, y = batch
+    model = hf.load_classifier(tiny_dir)
+    hf.fit_probe_head(model, (x, y))
+    with torch.no_grad():
+        feats = model.features(**x)
+        ours = model(**x).argmax(1)
+    theirs = LogisticRegression(max_iter=2000).fit(feats.numpy(), y.numpy())
+    assert ours.tolist() == theirs.predict(feats.numpy()).tolist()
+    p = torch.softmax(model(**x), 1)[:, 1].detach()  # the same probabilities, not only the same labels
+    assert torch.allclose(p, torch.from_numpy(theirs.predict_proba(feats.numpy())[:, 1]).float(), atol=1e-5)

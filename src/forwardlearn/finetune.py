@@ -39,7 +39,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 #: settings that a resumed run must share with its checkpoint
 RESUME_KEYS = ("model", "data", "rule", "params", "batch_size", "max_length", "lr", "step", "optimizer",
-               "options", "seed", "test_size", "eval_every", "attention")
+               "options", "seed", "test_size", "eval_every", "attention", "head", "probe_train")
 
 
 @dataclass
@@ -100,13 +100,19 @@ def _test_subset(groups: list[str], size: int | None, seed: int) -> list[int]:
 def prepare(model: str = hf.MINILM, data: str = "spam-assassin", *, rule: str = "zo_spsa", params: str = "full",
             batch_size: int = 16, max_length: int = 128, lr: float | None = None, step: str | None = None,
             optimizer: str | None = None, options: dict[str, Any] | None = None, seed: int = 0,
-            test_size: int | None = None, attention: str | None = None,
-            data_dir: str | Path | None = None) -> Prepared:
-    """Load and check the model, the tokenizer and the corpus, tokenise once; raise ``ValueError`` on bad input."""
+            test_size: int | None = None, attention: str | None = None, data_dir: str | Path | None = None,
+            head: str | dict[str, Tensor] = "random", probe_train: int = 1024) -> Prepared:
+    """Load and check the model, the tokenizer and the corpus, tokenise once; raise ``ValueError`` on bad input.
+
+    ``head``: ``random`` (a fresh linear head from ``seed``), ``probe`` (the linear probe on the frozen features
+    of a seeded random ``probe_train`` training messages, :func:`~forwardlearn.models.hf.fit_probe_head`: training
+    then starts at the zero-training floor), or a head ``state_dict`` (a probe fitted before)."""
     from . import data as fldata
     from .data.spam_assassin import NAME, load_split
 
     cfg = settings(rule, params, lr, step, optimizer, options)
+    if not isinstance(head, dict) and head not in ("random", "probe"):
+        raise ValueError(f"unknown head {head!r}; valid: random, probe")
     if data != NAME:
         raise ValueError(f"fine-tuning takes the text data set {NAME!r}, got {data!r}")
     if attention is None:  # forward-mode AD has no rule for the fused CPU attention kernel
@@ -126,12 +132,21 @@ def prepare(model: str = hf.MINILM, data: str = "spam-assassin", *, rule: str = 
     t0 = time.perf_counter()
     xtr = hf.tokenize(tokenizer, train_split.texts, max_length)
     xte = hf.tokenize(tokenizer, test_split.texts, max_length)
+    tokenize_seconds = time.perf_counter() - t0
+    if head == "probe":
+        n = min(probe_train, len(train_split))
+        keep = torch.randperm(len(train_split), generator=torch.Generator().manual_seed(seed))[:n]
+        hf.fit_probe_head(net, ({k: v[keep] for k, v in xtr.items()}, train_split.labels[keep]))
+    elif isinstance(head, dict):
+        net.head.load_state_dict(head)
     cfg.update({"model": str(model), "model_dir": str(path), "data": data, "batch_size": batch_size,
                 "max_length": max_length, "seed": seed, "test_size": len(test_split), "attention": attention,
+                "head": "probe" if isinstance(head, dict) else head,
+                "probe_train": min(probe_train, len(train_split)) if head != "random" else 0,
                 "trainable": sum(p.numel() for p in trainable_parameters(net)),
                 "parameters": sum(p.numel() for p in net.parameters())})
     return Prepared(cfg, net, (xtr, train_split.labels), (xte, test_split.labels), test_split.groups,
-                    time.perf_counter() - t0)
+                    tokenize_seconds)
 
 
 def _slice_accuracy(model: torch.nn.Module, inputs: dict[str, Tensor], y: Tensor, batch: int = 64) -> float:
@@ -184,11 +199,14 @@ def finetune(prep: Prepared, *, steps: int, eval_every: int | None = None, out: 
             if hard:
                 record["hard_ham_acc"] = _slice_accuracy(trainer.model, hard_x, hard_y)
 
+    start = {"test_acc": _slice_accuracy(model, *prep.test)}
+    if hard:
+        start["hard_ham_acc"] = _slice_accuracy(model, hard_x, hard_y)
     trainer = Trainer(model, rule, opt, batch_size=cfg["batch_size"], steps=steps, eval_every=eval_every,
                       strategy=strategy, seed=cfg["seed"], out_dir=out_dir, progress=progress, config=cfg,
                       eval_train=False, callbacks=[HardHam()], device="cpu")
     history = trainer.fit(prep.train, prep.test, resume=resume)
-    summary = {"config": cfg, "records": history.epochs, "final": history.final,
+    summary = {"config": cfg, "start": start, "records": history.epochs, "final": history.final,
                "train_seconds": sum(history.column("seconds"))}
     if out_dir is not None:
         write_reports(summary, out_dir)
@@ -206,13 +224,16 @@ def write_reports(summary: dict[str, Any], out_dir: Path) -> None:
              f"max length {cfg['max_length']}, lr {cfg['lr']:g}, {cfg['step']} step"
              f"{'' if cfg['step'] == 'fused' else ' with ' + cfg['optimizer']}; test set {cfg['test_size']} "
              "messages.", "", "| step | train minutes | loss | test acc | hard-ham acc |", "|---:|---:|---:|---:|---:|"]
+    start = summary.get("start", {})
+    lines.append(f"| 0 | 0.0 | - | {100 * start.get('test_acc', math.nan):.2f} % | "
+                 f"{100 * start.get('hard_ham_acc', math.nan):.1f} % |")
     elapsed = 0.0
     for r in records:
         elapsed += r.get("seconds", 0.0)
         lines.append(f"| {r.get('step', '')} | {elapsed / 60:.1f} | {r['loss']:.4f} | "
                      f"{100 * r.get('test_acc', math.nan):.2f} % | {100 * r.get('hard_ham_acc', math.nan):.1f} % |")
     atomic_write_text("\n".join(lines) + "\n", out_dir / "summary.md")
-    plot_accuracy({f"{cfg['rule']} ({cfg['params']})": records}, out_dir / "accuracy.png")
+    plot_accuracy({f"{cfg['rule']} ({cfg['params']})": [{"step": 0, **start}, *records]}, out_dir / "accuracy.png")
 
 
 def plot_accuracy(runs: dict[str, list[dict[str, Any]]], path: Path, floor: float | None = None) -> None:

@@ -33,6 +33,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluate on a seeded, stratified subset of this many test messages (default: all)")
     p.add_argument("--attention", choices=["eager", "sdpa"], default=None,
                    help="attention kernel (default: eager for forward_gradient, sdpa otherwise)")
+    p.add_argument("--head", choices=["random", "probe"], default="random",
+                   help="start from a random linear head, or from the linear probe on frozen features (LP-FT)")
+    p.add_argument("--probe-train", type=positive(int, "--probe-train"), default=1024,
+                   help="training messages the probe is fitted on (default 1024)")
     p.add_argument("--out", default=None, help="run directory (default runs/finetune-<rule>-<params>)")
     p.add_argument("--resume", action="store_true", help="continue from <out>/checkpoint.pt")
     p.add_argument("--seed", type=int, default=0)
@@ -56,7 +60,8 @@ def run(args: argparse.Namespace) -> int:
     prep = ft.prepare(args.model, args.data, rule=args.rule, params=args.params, batch_size=args.batch_size,
                       max_length=args.max_length, lr=args.lr, step=args.step, optimizer=args.optimizer,
                       options=parse_options(args.opt), seed=args.seed, test_size=args.test_size,
-                      attention=args.attention, data_dir=args.data_dir)
+                      attention=args.attention, data_dir=args.data_dir, head=args.head,
+                      probe_train=args.probe_train)
     summary = ft.finetune(prep, steps=args.steps, eval_every=args.eval_every, out=out, resume=args.resume,
                           progress=not args.quiet, threads=args.threads)
     final = summary["final"]

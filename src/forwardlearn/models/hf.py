@@ -173,10 +173,11 @@ def tokenize(tokenizer: Any, texts: list[str], max_length: int) -> dict[str, Ten
     return {k: v for k, v in enc.items() if isinstance(v, Tensor)}
 
 
-def linear_probe(model: TextClassifier, train: tuple[dict[str, Tensor], Tensor],
-                 test: tuple[dict[str, Tensor], Tensor], batch_size: int = 64) -> tuple[float, Tensor]:
-    """The zero-training floor: logistic regression (scikit-learn, default ``C``) on the frozen mean-pooled
-    features of the pretrained encoder; returns the test accuracy and the test predictions."""
+def fit_probe_head(model: TextClassifier, train: tuple[dict[str, Tensor], Tensor], batch_size: int = 64) -> None:
+    """Set ``model.head`` to a linear probe: logistic regression (scikit-learn, default ``C``, ``max_iter=2000``)
+    on the frozen mean-pooled features of ``train``. The head then predicts what the probe predicts, so the
+    model's accuracy before any training step is the zero-training floor; fine-tuning from it is LP-FT
+    (Kumar et al. 2022, "Fine-Tuning can Distort Pretrained Features", Sec. 4)."""
     from sklearn.linear_model import LogisticRegression
 
     def feats(inputs: dict[str, Tensor]) -> Tensor:
@@ -188,9 +189,14 @@ def linear_probe(model: TextClassifier, train: tuple[dict[str, Tensor], Tensor],
     was = model.training
     model.eval()
     try:
-        f_tr, f_te = feats(train[0]).numpy(), feats(test[0]).numpy()
+        f_tr = feats(train[0]).numpy()
     finally:
         model.train(was)
     clf = LogisticRegression(max_iter=2000).fit(f_tr, train[1].numpy())
-    pred = torch.from_numpy(clf.predict(f_te))
-    return float((pred == test[1]).float().mean()), pred
+    w = torch.as_tensor(clf.coef_, dtype=model.head.weight.dtype)
+    b = torch.as_tensor(clf.intercept_, dtype=model.head.bias.dtype)
+    if w.shape[0] == 1:  # binary: one score s = w.x + b; logits (-s/2, s/2) give the same softmax
+        w, b = torch.cat([-w / 2, w / 2]), torch.cat([-b / 2, b / 2])
+    with torch.no_grad():
+        model.head.weight.copy_(w)
+        model.head.bias.copy_(b)
