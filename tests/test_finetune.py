@@ -114,3 +114,19 @@ def test_real_minilm_finetunes_a_few_steps_with_every_rule(tmp_path):
     prep = ft.prepare("minilm", rule="backprop", params="full", max_length=32, test_size=64)
     s = ft.finetune(prep, steps=20, eval_every=20, progress=False, out=tmp_path / "bp")
     assert s["final"]["test_acc"] > 0.8
+
+
+def test_fl_train_takes_token_mappings(tiny_dir):
+    pytest.importorskip("forwardlearn.training")
+    import forwardlearn as fl
+    from forwardlearn.models import hf
+
+    tok, model = hf.load_tokenizer(tiny_dir), hf.load_classifier(tiny_dir, params="lora", lora_rank=2)
+    texts = ["free money now", "linux kernel patch", "click win cash", "thanks for the code"] * 4
+    x, y = hf.tokenize(tok, texts, 8), torch.tensor([1, 0, 1, 0] * 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    h = fl.train(model, "zo_spsa", (x, y), (x, y), strategy="fused", lr=1e-2, steps=4, batch_size=4,
+                 progress=False, eval_train=False)
+    assert h.final["test_acc"] >= 0 and len(h) == 1
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all("lora_" in k or k.startswith("head.") for k in changed)  # only what LoRA trains
