@@ -54,8 +54,14 @@ def accuracy_part(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
 
 def write(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """Write ``results`` over the stored file's keys (another part, running at the same time, keeps its own)."""
     base = Path(args.results)
     base.parent.mkdir(parents=True, exist_ok=True)
+    path = base.with_suffix(".json")
+    if path.exists():
+        stored = json.loads(path.read_text())
+        for k, v in stored.items():
+            results.setdefault(k, v)
     tmp = base.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.replace(base.with_suffix(".json"))

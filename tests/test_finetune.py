@@ -130,3 +130,60 @@ def test_fl_train_takes_token_mappings(tiny_dir):
     assert h.final["test_acc"] >= 0 and len(h) == 1
     changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
     assert changed and all("lora_" in k or k.startswith("head.") for k in changed)  # only what LoRA trains
+
+
+_RANK_SCRIPT = """
+import json, sys
+from forwardlearn.data import spam_assassin as sa
+sa.EXPECTED = {**sa.EXPECTED, **{k: tuple(v) for k, v in json.loads(sys.argv[1]).items()}}
+from forwardlearn.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow  # two torchrun ranks each import transformers: 20-160 s depending on the machine's load
+def test_two_rank_finetune_exchanges_seeds_and_scalars_and_equals_the_serial_emulation(tiny_dir, tmp_path):
+    """``torchrun --nproc-per-node 2 ... finetune --distributed`` on the tiny BERT: rank 0's weights equal one
+    process playing both ranks with the same seeds (the seed-and-scalar step, bit for bit)."""
+    pytest.importorskip("forwardlearn.training")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from forwardlearn import finetune as ft
+    from forwardlearn.distributed.trainer import SeedScalarStep
+    from forwardlearn.rules import get_rule, trainable_parameters
+    from forwardlearn.training import Trainer
+
+    root = tmp_path / "data"
+    expected = fake_messages(root)
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT)
+    out = tmp_path / "dist"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), json.dumps(expected),
+           *_args(tiny_dir, root, out), "--rule", "zo_spsa", "--steps", "3", "--lr", "1e-2", "--distributed"]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["world_size"] == 2 and summary["config"]["step"] == "seed_scalar"
+    last = summary["records"][-1]
+    assert last["measured_bytes_per_step"] == last["wire_bytes_per_step"] > 0  # only the records went over
+    # the same run in one process playing ranks 0 and 1 in turn
+    sa_expected = {**sa.EXPECTED, **expected}
+    orig = sa.EXPECTED
+    sa.EXPECTED = sa_expected
+    try:
+        prep = ft.prepare(str(tiny_dir), rule="zo_spsa", batch_size=8, max_length=12, data_dir=root, lr=1e-2)
+    finally:
+        sa.EXPECTED = orig
+    rule = get_rule("zo_spsa", seed=0, **prep.config["options"])
+    model = rule.attach(prep.model)
+    opt = torch.optim.SGD(trainable_parameters(model), lr=1e-2)
+    step = SeedScalarStep(rule, seed=0, ranks=[0, 1], world_size=2)
+    Trainer(model, rule, opt, batch_size=8, steps=3, eval_every=3, strategy=step, seed=0, progress=False,
+            eval_train=False, device="cpu").fit(prep.train, prep.test)
+    dist_weights = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(dist_weights[k], v) for k, v in model.state_dict().items())

@@ -43,7 +43,7 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 #: settings that a resumed run must share with its checkpoint
 RESUME_KEYS = ("model", "data", "rule", "params", "batch_size", "max_length", "lr", "step", "optimizer",
-               "options", "seed", "test_size", "eval_every", "attention", "head", "probe_train")
+               "options", "seed", "test_size", "eval_every", "attention", "head", "probe_train", "world_size")
 
 
 @dataclass
@@ -166,14 +166,32 @@ def _slice_accuracy(model: torch.nn.Module, inputs: dict[str, Tensor], y: Tensor
 
 
 def finetune(prep: Prepared, *, steps: int, eval_every: int | None = None, out: str | Path | None = None,
-             resume: bool = False, progress: bool = True, threads: int | None = None) -> dict[str, Any]:
+             resume: bool = False, progress: bool = True, threads: int | None = None,
+             distributed: bool = False) -> dict[str, Any]:
     """Train ``prep.model`` with the shared :class:`~forwardlearn.training.Trainer`; return the summary (also
-    written to ``out``: ``summary.json``, ``summary.md``, ``accuracy.png``)."""
+    written to ``out``: ``summary.json``, ``summary.md``, ``accuracy.png``).
+
+    ``distributed``: this process is one rank of a ``torchrun`` launch; the step is the seed-and-scalar
+    exchange (:class:`~forwardlearn.distributed.trainer.SeedScalarStep`: each rank estimates on its shard,
+    the ranks ``all_gather`` (seed, scalar) pairs only and every rank applies all of them with plain SGD);
+    ``batch_size`` is per rank. Rank 0 evaluates and writes."""
     from .training import Callback, Trainer, make_strategy, read_config
 
     cfg = dict(prep.config)
     eval_every = eval_every or steps
     cfg.update({"steps": steps, "eval_every": eval_every})
+    created = False
+    if distributed:
+        import torch.distributed as dist
+
+        from .distributed.trainer import SeedScalarStep, TorchExchange, init_process_group
+
+        if cfg["rule"] not in ("zo_spsa", "forward_gradient"):
+            raise ValueError(f"rule {cfg['rule']!r} has no seed-and-scalar form; --distributed takes zo_spsa or "
+                             "forward_gradient")
+        created = not dist.is_initialized()
+        exchange = TorchExchange(init_process_group("cpu"))
+        cfg.update({"step": "seed_scalar", "optimizer": "sgd", "world_size": exchange.world_size})
     out_dir = Path(out) if out is not None else None
     if out_dir is not None:
         ckpt = out_dir / "checkpoint.pt"
@@ -190,7 +208,10 @@ def finetune(prep: Prepared, *, steps: int, eval_every: int | None = None, out: 
         torch.set_num_threads(threads)
     rule = get_rule(cfg["rule"], seed=cfg["seed"], **cfg["options"])
     model = rule.attach(prep.model)
-    strategy = make_strategy(cfg["step"], lr=cfg["lr"])
+    if distributed:
+        strategy = SeedScalarStep(rule, seed=cfg["seed"], exchange=exchange)
+    else:
+        strategy = make_strategy(cfg["step"], lr=cfg["lr"])
     opt = None
     if strategy.needs_optimizer:
         opt = optimizer(cfg["optimizer"], trainable_parameters(model), cfg["lr"])
@@ -200,19 +221,24 @@ def finetune(prep: Prepared, *, steps: int, eval_every: int | None = None, out: 
 
     class HardHam(Callback):
         def on_epoch_end(self, trainer: Trainer, record: dict[str, float]) -> None:
-            if hard:
+            if hard and trainer.strategy.evaluates(trainer):
                 record["hard_ham_acc"] = _slice_accuracy(trainer.model, hard_x, hard_y)
 
-    start = {"test_acc": _slice_accuracy(model, *prep.test)}
-    if hard:
+    writer = not distributed or exchange.rank == 0
+    start = {"test_acc": _slice_accuracy(model, *prep.test)} if writer else {}
+    if hard and writer:
         start["hard_ham_acc"] = _slice_accuracy(model, hard_x, hard_y)
-    trainer = Trainer(model, rule, opt, batch_size=cfg["batch_size"], steps=steps, eval_every=eval_every,
-                      strategy=strategy, seed=cfg["seed"], out_dir=out_dir, progress=progress, config=cfg,
-                      eval_train=False, callbacks=[HardHam()], device="cpu")
-    history = trainer.fit(prep.train, prep.test, resume=resume)
+    try:
+        trainer = Trainer(model, rule, opt, batch_size=cfg["batch_size"], steps=steps, eval_every=eval_every,
+                          strategy=strategy, seed=cfg["seed"], out_dir=out_dir, progress=progress and writer,
+                          config=cfg, eval_train=False, callbacks=[HardHam()], device="cpu")
+        history = trainer.fit(prep.train, prep.test, resume=resume)
+    finally:
+        if created:
+            dist.destroy_process_group()
     summary = {"config": cfg, "start": start, "records": history.epochs, "final": history.final,
-               "train_seconds": sum(history.column("seconds"))}
-    if out_dir is not None:
+               "train_seconds": sum(history.column("seconds")), "writer": writer}
+    if out_dir is not None and writer:
         write_reports(summary, out_dir)
     return summary
 
@@ -226,7 +252,8 @@ def write_reports(summary: dict[str, Any], out_dir: Path) -> None:
     lines = [f"# Fine-tuning {cfg['model']} on {cfg['data']} with {cfg['rule']} ({cfg['params']})", "",
              f"{cfg['trainable']:,} of {cfg['parameters']:,} parameters trained; batch {cfg['batch_size']}, "
              f"max length {cfg['max_length']}, lr {cfg['lr']:g}, {cfg['step']} step"
-             f"{'' if cfg['step'] == 'fused' else ' with ' + cfg['optimizer']}; test set {cfg['test_size']} "
+             f"{'' if cfg['step'] == 'fused' else ' with ' + cfg['optimizer']}"
+             f"{', ' + str(cfg['world_size']) + ' ranks' if 'world_size' in cfg else ''}; test set {cfg['test_size']} "
              "messages.", "", "| step | train minutes | loss | test acc | hard-ham acc |", "|---:|---:|---:|---:|---:|"]
     start = summary.get("start", {})
     lines.append(f"| 0 | 0.0 | - | {100 * start.get('test_acc', math.nan):.2f} % | "

@@ -42,6 +42,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=positive(int, "--threads"), default=None, help="torch CPU threads")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--distributed", action="store_true",
+                   help="one rank of `torchrun --nproc-per-node N -m forwardlearn finetune --distributed ...`: "
+                   "seed-and-scalar exchange (zo_spsa, forward_gradient; --batch-size per rank)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -63,7 +66,9 @@ def run(args: argparse.Namespace) -> int:
                       attention=args.attention, data_dir=args.data_dir, head=args.head,
                       probe_train=args.probe_train)
     summary = ft.finetune(prep, steps=args.steps, eval_every=args.eval_every, out=out, resume=args.resume,
-                          progress=not args.quiet, threads=args.threads)
+                          progress=not args.quiet, threads=args.threads, distributed=args.distributed)
+    if not summary["writer"]:
+        return 0
     final = summary["final"]
     print(f"{args.rule} ({args.params}) on {args.data}: step {final.get('step')}, loss {final['loss']:.4f}, "
           f"test acc {final.get('test_acc', float('nan')):.4f}, hard-ham acc "
