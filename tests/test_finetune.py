@@ -12,12 +12,7 @@ pytest.importorskip("peft")
 
 from forwardlearn.cli import main  # noqa: E402
 from forwardlearn.data import spam_assassin as sa  # noqa: E402
-from hf_fixtures import fake_messages, tiny_bert_dir  # noqa: E402
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return tiny_bert_dir(tmp_path_factory.mktemp("tinybert"))
+from hf_fixtures import fake_messages  # noqa: E402
 
 
 @pytest.fixture

@@ -13,11 +13,6 @@ from forwardlearn.models import hf  # noqa: E402
 from hf_fixtures import VOCAB, tiny_bert_dir  # noqa: E402
 
 
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    return tiny_bert_dir(tmp_path_factory.mktemp("tinybert"))
-
-
 @pytest.fixture
 def batch(tiny_dir):
     tok = hf.load_tokenizer(tiny_dir)
