@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -56,7 +56,6 @@ class Prepared:
     test: tuple[dict[str, Tensor], Tensor]
     test_groups: list[str]
     tokenize_seconds: float = 0.0
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def check_rule(rule: str) -> None:
