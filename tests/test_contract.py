@@ -92,8 +92,8 @@ def test_rule_state_roundtrip_with_weights_only(tmp_path):
 
 def test_models_shapes():
     assert fl.models.mlp(64, [32, 16], 10)(torch.rand(4, 1, 8, 8)).shape == (4, 10)
-    assert fl.models.cnn(1, 10, input_size=8)(torch.rand(4, 1, 8, 8)).shape == (4, 10)
-    assert fl.models.cnn(1, 10)(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert fl.models.cnn(1, classes=10, input_size=8)(torch.rand(4, 1, 8, 8)).shape == (4, 10)
+    assert fl.models.cnn(1, classes=10)(torch.rand(2, 1, 28, 28)).shape == (2, 10)
     assert fl.models.build("cnn", (3, 32, 32), 10)(torch.rand(2, 3, 32, 32)).shape == (2, 10)
     with pytest.raises(ValueError, match="hidden width"):
         fl.models.mlp(4, [0], 2)

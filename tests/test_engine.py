@@ -75,8 +75,9 @@ def _small_trainer(out_dir, steps=None, epochs=None, eval_every=None, seed=0):
     rule = fl.get_rule("backprop", seed=seed)
     model = rule.attach(fl.models.mlp(64, [16], 10))
     opt = make_optimizer("sgd", model.parameters(), 0.05)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.8)  # stepped at epoch ends
     return Trainer(model, rule, opt, epochs=epochs, steps=steps, eval_every=eval_every, batch_size=50, seed=seed,
-                   out_dir=out_dir, progress=False)
+                   out_dir=out_dir, progress=False, scheduler=sched)
 
 
 def test_steps_and_eval_every(tmp_path, digits):
@@ -94,15 +95,16 @@ def test_steps_and_eval_every(tmp_path, digits):
     assert [r.get("step") for r in ref.history.epochs] == [None, None]  # no eval_every: one record per epoch
 
 
-def test_step_based_resume_mid_epoch_is_exact(tmp_path, digits):
+@pytest.mark.parametrize("stop", [8, 6])  # 8: mid-epoch 2; 6: exactly at the end of epoch 1
+def test_step_based_resume_mid_epoch_is_exact(tmp_path, digits, stop):
     (X, y), _ = digits
-    data = (X[:300], y[:300])
-    full = _small_trainer(tmp_path / "full", steps=16, eval_every=4)
+    data = (X[:300], y[:300])  # 6 steps per epoch
+    full = _small_trainer(tmp_path / "full", steps=16, eval_every=2)
     full.fit(data)
-    part = _small_trainer(tmp_path / "part", steps=8, eval_every=4)  # stops at step 8: mid-epoch 2
+    part = _small_trainer(tmp_path / "part", steps=stop, eval_every=2)
     part.fit(data)
-    assert part.step_in_epoch == 2
-    resumed = _small_trainer(tmp_path / "part", steps=16, eval_every=4, seed=99)
+    assert part.global_step == stop
+    resumed = _small_trainer(tmp_path / "part", steps=16, eval_every=2, seed=99)
     resumed.fit(data, resume=True)
     for a, b in zip(full.model.state_dict().values(), resumed.model.state_dict().values()):
         assert torch.equal(a, b)
@@ -202,3 +204,50 @@ def test_cli_resume_on_a_corrupt_checkpoint_is_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert len(err.strip().splitlines()) == 1 and "not a forwardlearn checkpoint" in err and "Traceback" not in err
+
+
+def test_one_argument_order_and_one_name_per_concept(digits):
+    (X, y), _ = digits
+    model, rule = fl.models.mlp(64, [8], 10), fl.get_rule("backprop")
+    with pytest.raises(ValueError, match=r"model first.*gradient_alignment\(model, rule"):
+        fl.diagnostics.gradient_alignment(rule, model, X[:8], y[:8])
+    with pytest.raises(ValueError, match="model first"):
+        fl.training.accuracy(rule, model, X[:8], y[:8])
+    assert 0 <= fl.training.accuracy(model, rule, X[:8], y[:8]) <= 1
+    with pytest.raises(ValueError, match="hidden widths second"):
+        fl.models.cnn(1, 10, input_size=8)  # the order before: (in_channels, classes, ...)
+    assert fl.models.cnn(1, (8,), 3, input_size=8)(torch.rand(2, 1, 8, 8)).shape == (2, 3)
+    with pytest.raises(ValueError, match="stage widths second"):
+        fl.models.resnet(1, 10)
+    with pytest.raises(ValueError, match="option 'theta' of rule 'forward_gnn' is called 'threshold'"):
+        fl.get_rule("forward_gnn", theta=1.0)
+    from forwardlearn.distributed import fedavg
+
+    with pytest.raises(ValueError, match="loss="):
+        fedavg(model, [(X[:8], y[:8])], None, rounds=1, lr=0.1, loss_fn=torch.nn.functional.cross_entropy)
+
+
+def test_seed_scalar_trainer_takes_a_scheduler_and_times_cpu(digits):
+    """The distributed trainer is the one loop: a scheduler steps per epoch, records carry CPU seconds."""
+    from forwardlearn.distributed import SeedScalarTrainer
+
+    (X, y), _ = digits
+    model = fl.models.mlp(64, [8], 10)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    tr = SeedScalarTrainer(model, fl.get_rule("zo_spsa", seed=0, directions=2), opt, epochs=2, batch_size=64,
+                           ranks=range(2), scheduler=sched)
+    hist = tr.fit((X[:256], y[:256]))
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+    assert all(r["cpu_seconds"] >= 0 and r["world_size"] == 2 for r in hist.epochs)
+
+
+def test_models_from_a_spec_and_rules_say_theirs():
+    spec = fl.rules.rule_class("ep").model_spec()
+    assert spec["name"] == "convergent"
+    assert isinstance(fl.models.from_spec(spec, (1, 8, 8), 10), fl.models.ConvergentNet)
+    assert fl.rules.rule_class("pepita").model_spec()["init"] == "he_uniform"
+    m = fl.rules.rule_class("backprop").default_model((1, 8, 8), 10, hidden=[7])
+    assert m(torch.rand(2, 1, 8, 8)).shape == (2, 10) and m[1].out_features == 7
+    with pytest.raises(ValueError, match="unknown model 'nope'"):
+        fl.models.from_spec({"name": "nope"}, (4,), 2)

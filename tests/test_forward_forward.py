@@ -321,7 +321,7 @@ def test_bad_options_raise_value_error_naming_the_value(opts: dict, match: str) 
 
 def test_non_mlp_models_are_refused() -> None:
     with pytest.raises(ValueError, match="MLP"):
-        fl.get_rule("ff").attach(fl.models.cnn(1, 10, input_size=8))
+        fl.get_rule("ff").attach(fl.models.cnn(1, classes=10, input_size=8))
 
 
 def test_cff_gradient_uses_collective_probability() -> None:
@@ -392,7 +392,7 @@ def test_activity_sparsity_on_models_and_through_the_rule() -> None:
     via_rule = fl.diagnostics.activity_sparsity(model, x, y, rule=rule)
     assert list(via_rule) == ["layer0", "layer1"]
     assert all(0 <= v["silent"] <= 1 and 0 <= v["hoyer"] <= 1 for v in via_rule.values())
-    cnn = fl.models.cnn(1, 10, input_size=8)
+    cnn = fl.models.cnn(1, classes=10, input_size=8)
     assert len(fl.diagnostics.activity_sparsity(cnn, x)) == 4  # two conv and two dense activations
     with pytest.raises(ValueError, match="tol"):
         fl.diagnostics.activity_sparsity(model, x, tol=1.5)

@@ -193,7 +193,7 @@ def test_bad_options_raise_value_error_naming_the_value(opts: dict, match: str) 
 
 def test_non_mlp_models_are_refused() -> None:
     with pytest.raises(ValueError, match="MLP"):
-        fl.get_rule("pepita").attach(fl.models.cnn(1, 10, input_size=8))
+        fl.get_rule("pepita").attach(fl.models.cnn(1, classes=10, input_size=8))
 
 
 @pytest.mark.slow

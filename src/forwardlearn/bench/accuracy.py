@@ -166,7 +166,7 @@ def load_suite(source: str | Path) -> dict[str, Any]:
             spec = {"model": d.get("model", "mlp"), "hidden": d.get("hidden"), "optimizer": d.get("optimizer", "adam"),
                     "lr": d.get("lr", 1e-3), "epochs": d.get("epochs", 10), "batch_size": d.get("batch_size", 64),
                     "seed": 0, "activation": "relu"}
-            if cls.default_model.__func__ is not _base_default_model():  # the rule builds its own model
+            if own_model(cls):
                 spec["model"] = "default"
             spec.update(defaults)
             spec.update({k: v for k, v in entry.items() if k != "rule"})
@@ -190,10 +190,11 @@ def load_suite(source: str | Path) -> dict[str, Any]:
     return {"name": name, "description": raw.get("description", ""), "path": path, "runs": out, "skipped": skipped}
 
 
-def _base_default_model() -> Any:
-    from ..rules.base import Rule
-
-    return Rule.default_model.__func__
+def own_model(cls: Any) -> bool:
+    """Whether a rule's model spec is more than ``mlp``/``cnn`` with widths (a model kind or an
+    initialisation of its own): the suite then trains the rule's default model."""
+    spec = cls.model_spec()
+    return spec["name"] not in ("mlp", "cnn") or bool(set(spec) - {"name", "hidden"})
 
 
 def _training_keys(spec: dict[str, Any]) -> dict[str, Any]:

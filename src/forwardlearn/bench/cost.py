@@ -375,7 +375,7 @@ def bench_arch(arch: Arch, rules: Sequence[str], cfg: CostConfig, progress: bool
             if job.kind == "rule" and cfg.cosine:
                 from ..rules import get_rule
 
-                al = gradient_alignment(get_rule(job.rule, seed=cfg.seed + 1), init_model, x, y,
+                al = gradient_alignment(init_model, get_rule(job.rule, seed=cfg.seed + 1), x, y,
                                         samples=cfg.samples, names=False)
                 row.update({"cosine": al["cosine"], "mean_cosine": al["mean_cosine"], "samples": cfg.samples,
                             "norm_ratio": al["norm_ratio"]})

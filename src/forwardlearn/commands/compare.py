@@ -136,7 +136,7 @@ def run(args: argparse.Namespace) -> int:
             probe.load_state_dict(r.initial_state, strict=False)
             n = min(args.cosine_batch, len(Xtr))
             try:
-                cos = gradient_alignment(get_rule(name, seed=args.seed + 1), probe, Xtr[:n].to(device),
+                cos = gradient_alignment(probe, get_rule(name, seed=args.seed + 1), Xtr[:n].to(device),
                                          ytr[:n].to(device), samples=1, names=False)["cosine"]
             except RuntimeError as e:  # no exact gradient to compare with (a black-box layer, say)
                 cos = None

@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         torch.save({"config": model.config, "model": model.state_dict(), "data": args.data},
                    out / CHECKPOINT)
     model.eval()
-    test_acc = accuracy(rule, model, Xte.to(device), yte.to(device))
+    test_acc = accuracy(model, rule, Xte.to(device), yte.to(device))
 
     idx = args.indices if args.indices is not None else list(range(min(args.samples, len(Xte))))
     bad = [i for i in idx if not 0 <= i < len(Xte)]

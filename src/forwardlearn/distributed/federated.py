@@ -174,7 +174,7 @@ class Rounds(Strategy):
         t = trainer.epoch
         if self.test is None or (t % self.eval_every and t != self.rounds):
             return {}
-        return {"test_acc": accuracy(self.eval_rule, trainer.model, *self.test)}
+        return {"test_acc": accuracy(trainer.model, self.eval_rule, *self.test)}
 
 
 class _ToRounds(Callback):
@@ -362,13 +362,17 @@ def fedavg(
     batch_size: int = 32,
     optimizer: str = "sgd",
     seed: int = 0,
-    loss_fn: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
+    loss: Callable[[Tensor, Tensor], Tensor] = F.cross_entropy,
     eval_every: int = 1,
     on_round: Callable[[dict[str, float]], None] | None = None,
+    loss_fn: None = None,
 ) -> FedResult:
-    """FedAvg with backprop (McMahan et al. 2017, Algorithm 1), all clients every round."""
+    """FedAvg with backprop (McMahan et al. 2017, Algorithm 1), all clients every round; ``loss(outputs,
+    targets)`` is the clients' training loss (``loss_fn`` is its old name and refused)."""
+    if loss_fn is not None:
+        raise ValueError("fedavg: the loss is passed as loss=..., not loss_fn=...")
     check_int(rounds, "rounds")
     strategy = FedAvgRounds(model, clients, test, rounds=rounds, lr=lr, local_epochs=local_epochs,
-                            batch_size=batch_size, optimizer=optimizer, seed=seed, loss=loss_fn,
+                            batch_size=batch_size, optimizer=optimizer, seed=seed, loss=loss,
                             eval_every=eval_every)
     return _run_rounds(model, strategy, None, seed, on_round)

@@ -4,10 +4,12 @@ from .basic import ACTIVATIONS, activation_module, build, cnn, mlp
 from .convergent import ConvergentNet, convergent
 from .gnn import GNN, GraphConv, gnn
 from .harsanyi import HarsanyiNet
+from .registry import MODELS, from_spec, register_model
 from .resnet import BasicBlock, ResNet, resnet, resnet18
 
 __all__ = [
     "ACTIVATIONS",
+    "MODELS",
     "BasicBlock",
     "ConvergentNet",
     "GNN",
@@ -18,8 +20,10 @@ __all__ = [
     "build",
     "cnn",
     "convergent",
+    "from_spec",
     "gnn",
     "mlp",
+    "register_model",
     "resnet",
     "resnet18",
 ]

@@ -29,6 +29,8 @@ from ..data.batches import Inputs, call_model, logits_of
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 _REGISTRY: dict[str, type[Rule]] = {}
+#: option names that other rules or earlier versions spelled differently: one name per concept
+RENAMED = {"theta": "threshold", "loss_fn": "loss"}
 
 
 def register(cls: type[Rule]) -> type[Rule]:
@@ -80,6 +82,9 @@ def get_rule(name: str, **options: Any) -> Rule:
     """
     cls = rule_class(name)
     valid = _options_of(cls)
+    for old, new in RENAMED.items():
+        if old in options and old not in valid and new in valid:
+            raise ValueError(f"option {old!r} of rule {name!r} is called {new!r}")
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(
@@ -115,6 +120,13 @@ def check_positive(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{what} must be a positive finite number, got {value!r}")
     return float(value)
+
+
+def model_first(model: Any, rule: Any, where: str) -> None:
+    """``ValueError`` when ``where(model, rule, ...)`` got a rule first and a model second (the public functions
+    all take the model first, as :func:`forwardlearn.train` does)."""
+    if isinstance(model, Rule) or (isinstance(rule, nn.Module) and not isinstance(model, nn.Module)):
+        raise ValueError(f"{where} takes the model first and the rule second: {where}(model, rule, ...)")
 
 
 class NonFiniteError(RuntimeError):
@@ -164,14 +176,20 @@ class Rule:
     supports_fused: ClassVar[bool] = False
 
     @classmethod
-    def default_model(cls, shape: tuple[int, ...], classes: int) -> nn.Module:
-        """The model ``forwardlearn compare`` trains this rule on: ``defaults["model"]`` with ``defaults["hidden"]``.
+    def model_spec(cls) -> dict[str, Any]:
+        """The spec of the model this rule trains by default (:mod:`forwardlearn.models.registry`):
+        ``defaults["model"]`` with ``defaults["hidden"]``. Rules that need a model of their own kind (an
+        energy-based net, an initialisation of their paper) override this."""
+        hidden = cls.defaults.get("hidden")
+        return {"name": cls.defaults.get("model", "mlp"), "hidden": list(hidden) if hidden is not None else None}
 
-        Rules that need a model of their own kind (an energy-based net, say) override this.
-        """
-        from ..models import build
+    @classmethod
+    def default_model(cls, shape: tuple[int, ...], classes: int, hidden: list[int] | None = None) -> nn.Module:
+        """The model of :meth:`model_spec` for inputs of ``shape`` (``hidden`` replaces its widths)."""
+        from ..models.registry import from_spec
 
-        return build(cls.defaults.get("model", "mlp"), shape, classes, cls.defaults.get("hidden"))
+        spec = cls.model_spec()
+        return from_spec(spec if hidden is None else {**spec, "hidden": list(hidden)}, shape, classes)
 
     def __init__(self, loss: LossFn | None = None, seed: int | None = None) -> None:
         if loss is not None and not callable(loss):

@@ -176,9 +176,9 @@ class EquilibriumPropagation(Rule):
 
     # --- model --------------------------------------------------------------------------------
     @classmethod
-    def default_model(cls, shape: tuple[int, ...], classes: int) -> nn.Module:
+    def model_spec(cls) -> dict[str, Any]:
         """A symmetric hard-sigmoid :class:`ConvergentNet` with ``defaults["hidden"]``."""
-        return ConvergentNet(math.prod(shape), cls.defaults["hidden"], classes)
+        return {"name": "convergent", "hidden": list(cls.defaults["hidden"])}
 
     def attach(self, model: nn.Module) -> nn.Module:
         """Return the :class:`ConvergentNet` to train.

@@ -8,7 +8,7 @@ gradient ever crosses a layer. Two variants (``variant``):
 - ``"ff"``, Forward-Forward with label appending (paper §3.1): the one-hot label is appended to the
   features of the training nodes (a uniform vector ``1/C`` to every other node). The positive graph
   carries the true labels, each negative graph a random wrong label per training node. A layer's
-  goodness is the sum of its squared outputs; its loss the logistic loss of ``goodness - theta``, target 1
+  goodness is the sum of its squared outputs; its loss the logistic loss of ``goodness - threshold``, target 1
   for positives and 0 for negatives (Hinton 2022, Eq. 1). Prediction appends each candidate label in
   turn to the nodes being classified and picks the label with the largest goodness (mean square,
   summed over layers). The model's first layer takes ``F + C`` inputs (:meth:`ForwardGNN.input_features`).
@@ -74,7 +74,7 @@ class ForwardGNN(Rule):
         variant: ``"sf"`` (single forward with virtual class nodes) or ``"ff"`` (Forward-Forward with
             label appending).
         top_down: ``"sf"`` only: each layer's loss also sees the outputs of the layers above it.
-        theta: ``"ff"``: goodness threshold (the reference uses 2.0).
+        threshold: ``"ff"``: goodness threshold (the reference calls it theta and uses 2.0).
         negatives: ``"ff"``: wrong labels per training node and step (``None``: all ``C - 1``).
         temperature: ``"sf"``: divides the node-to-class-node logits.
         bidirectional: ``"sf"``: edges run both ways between training nodes and their class node
@@ -102,7 +102,7 @@ class ForwardGNN(Rule):
         self,
         variant: str = "sf",
         top_down: bool = False,
-        theta: float = 2.0,
+        threshold: float = 2.0,
         negatives: int | None = None,
         temperature: float = 1.0,
         bidirectional: bool = True,
@@ -117,8 +117,8 @@ class ForwardGNN(Rule):
             raise ValueError(f"top_down must be True or False, got {top_down!r}")
         if top_down and variant != "sf":
             raise ValueError(f"top_down=True needs variant='sf', got variant={variant!r}")
-        if not (isinstance(theta, (int, float)) and not isinstance(theta, bool) and math.isfinite(theta)):
-            raise ValueError(f"theta must be a finite number, got {theta!r}")
+        if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold)):
+            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
         if negatives is not None and (isinstance(negatives, bool) or not isinstance(negatives, int) or negatives < 1):
             raise ValueError(f"negatives must be a positive integer or None, got {negatives!r}")
         if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0):
@@ -129,7 +129,7 @@ class ForwardGNN(Rule):
             raise ValueError(f"unlabeled must be 'uniform' or 'zero', got {unlabeled!r}")
         self.variant = variant
         self.top_down = top_down
-        self.theta = float(theta)
+        self.threshold = float(threshold)
         self.negatives = negatives
         self.temperature = float(temperature)
         self.bidirectional = bidirectional
@@ -148,9 +148,9 @@ class ForwardGNN(Rule):
         return GNN(self.input_features(graph), hidden or list(self.defaults["hidden"]), None, kind=kind)
 
     @classmethod
-    def default_model(cls, shape: tuple[int, ...], classes: int) -> nn.Module:
+    def model_spec(cls) -> dict[str, Any]:
         """Head-less GCN for the default ``"sf"`` variant on ``shape = (F,)`` node features."""
-        return GNN(int(shape[-1]), list(cls.defaults["hidden"]), None)
+        return {"name": "gnn", "hidden": list(cls.defaults["hidden"]), "head": False}
 
     def attach(self, model: nn.Module) -> nn.Module:
         layers = graph_layers(model)
@@ -270,7 +270,7 @@ class ForwardGNN(Rule):
         total = 0.0
         for i, conv in enumerate(layers):
             outs = [F.relu(conv(l2_normalize(h.detach()), adj)) for h in inputs]
-            logits = [o[known].pow(2).sum(1) - self.theta for o in outs]
+            logits = [o[known].pow(2).sum(1) - self.threshold for o in outs]
             loss_pos = F.binary_cross_entropy_with_logits(logits[0], torch.ones_like(logits[0]))
             loss_neg = torch.stack([F.binary_cross_entropy_with_logits(z, torch.zeros_like(z))
                                     for z in logits[1:]]).mean()
@@ -306,7 +306,7 @@ class ForwardGNN(Rule):
         score = torch.zeros(h.shape[0], device=h.device)
         for conv in layers:
             h = F.relu(conv(l2_normalize(h), adj))
-            score += h.pow(2).mean(1) - self.theta
+            score += h.pow(2).mean(1) - self.threshold
         return score
 
     def _predict_ff(self, layers: list[GraphConv], graph: Graph, context: Tensor) -> Tensor:

@@ -129,11 +129,9 @@ class ModelFreeForwardForward(Rule):
         self.classes = classes or 0
 
     @classmethod
-    def default_model(cls, shape: tuple[int, ...], classes: int) -> nn.Module:
+    def model_spec(cls) -> dict[str, Any]:
         """A simulated optical front end (256 outputs, noise 0.01) followed by ``defaults["hidden"]`` digital layers."""
-        from ..physical import physical_network
-
-        return physical_network(math.prod(shape), cls.defaults["hidden"], 256, every_layer=False)
+        return {"name": "physical", "hidden": list(cls.defaults["hidden"]), "physical_width": 256}
 
     # --- helpers ------------------------------------------------------------------------------
     def _patterns(self, features: int, classes: int, device: torch.device, dtype: torch.dtype) -> Tensor:

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.graphs import Graph
-from ..rules.base import Rule, check_int, trainable_parameters
+from ..rules.base import Rule, check_int, model_first, trainable_parameters
 from .checkpoint import History
 from .loop import Trainer
 from .optim import make_optimizer, resolve_device
@@ -15,8 +15,9 @@ from .strategies import GradStep
 
 
 @torch.no_grad()
-def node_accuracy(rule: Rule, model: nn.Module, graph: Graph, mask: Tensor) -> float:
+def node_accuracy(model: nn.Module, rule: Rule, graph: Graph, mask: Tensor) -> float:
     """Fraction of the nodes in ``mask`` that ``rule.predict`` classifies as ``graph.y``."""
+    model_first(model, rule, "node_accuracy")
     was = model.training
     model.eval()
     pred = rule.predict(model, graph).argmax(1)
@@ -50,7 +51,7 @@ class GraphStep(GradStep):
     def evaluate(self, trainer: Trainer, X: Graph, y: Tensor, Xt: object, yt: object) -> dict[str, float]:
         if trainer.epoch % self.eval_every and trainer.epoch != trainer.epochs:
             return {}
-        return {f"{split}_acc": node_accuracy(trainer.rule, trainer.model, X, mask)
+        return {f"{split}_acc": node_accuracy(trainer.model, trainer.rule, X, mask)
                 for split, mask in (("train", X.train_mask), ("val", X.val_mask), ("test", X.test_mask))}
 
 

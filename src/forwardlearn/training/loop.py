@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from ..data.batches import Inputs, batch_len, take, to_device
-from ..rules.base import NonFiniteError, Rule, check_int, get_rule, trainable_parameters
+from ..rules.base import NonFiniteError, Rule, check_int, get_rule, model_first, trainable_parameters
 from .checkpoint import CHECKPOINT, METRICS, TRAINING_KEYS, History, atomic_save, load_checkpoint, write_metrics
 from .optim import make_optimizer, resolve_device
 from .strategies import Strategy, make_strategy
@@ -44,8 +44,9 @@ class Callback:
 
 
 @torch.no_grad()
-def accuracy(rule: Rule, model: nn.Module, X: Inputs, y: Tensor, batch_size: int = 1024) -> float:
+def accuracy(model: nn.Module, rule: Rule, X: Inputs, y: Tensor, batch_size: int = 1024) -> float:
     """Fraction of ``X`` that ``rule.predict`` classifies as ``y``."""
+    model_first(model, rule, "accuracy")
     was_training = model.training
     model.eval()
     correct = 0
@@ -231,9 +232,9 @@ class Trainer:
                     record.update(own)
                 else:
                     if self.eval_train:
-                        record["train_acc"] = accuracy(self.rule, self.model, X, y)
+                        record["train_acc"] = accuracy(self.model, self.rule, X, y)
                     if Xt is not None:
-                        record["test_acc"] = accuracy(self.rule, self.model, Xt, yt)
+                        record["test_acc"] = accuracy(self.model, self.rule, Xt, yt)
             finally:
                 torch.set_num_threads(threads)
         record["eval_seconds"] = time.perf_counter() - t1
@@ -275,6 +276,7 @@ class Trainer:
                 self._epoch_rng = self.generator.get_state()
                 order = self.strategy.batches(self, n)  # this epoch's batches (a fresh shuffle)
                 t0, c0, steps0 = time.perf_counter(), time.process_time(), self.global_step
+                due = False  # an eval_every record is due
                 for i in range(self.step_in_epoch, per_epoch):
                     if self.global_step >= total_steps:
                         break
@@ -289,9 +291,10 @@ class Trainer:
                         bar.update(1)
                         if i % 10 == 0:
                             total, w = self.running_loss
-                        bar.set_postfix(epoch=self.epoch + 1, loss=f"{total / (w or 1.0):.4f}")
-                    if self.eval_every is not None and (self.global_step % self.eval_every == 0
-                                                        or self.global_step == total_steps):
+                            bar.set_postfix(epoch=self.epoch + 1, loss=f"{total / (w or 1.0):.4f}")
+                    due = self.eval_every is not None and (self.global_step % self.eval_every == 0
+                                                           or self.global_step == total_steps)
+                    if due and self.step_in_epoch < per_epoch:  # at an epoch's end: after its bookkeeping
                         seconds, cpu = self._elapsed(t0, c0)
                         self._record(data, seconds, cpu, self.global_step - steps0)
                         t0, c0, steps0 = time.perf_counter(), time.process_time(), self.global_step
@@ -305,7 +308,7 @@ class Trainer:
                     self.scheduler.step()
                 self.epoch += 1
                 self.step_in_epoch = 0
-                if self.eval_every is None:
+                if self.eval_every is None or due:
                     record = self._record(data, seconds, cpu, self.global_step - steps0)
                     if bar is not None:
                         bar.set_postfix(epoch=self.epoch, loss=f"{record['loss']:.4f}",

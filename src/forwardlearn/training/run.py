@@ -66,15 +66,12 @@ def _same_model(cfg: dict[str, Any]) -> str:
 
 
 def build_model(cfg: dict[str, Any], shape: tuple[int, ...], classes: int) -> nn.Module:
-    """The (unattached) model of ``cfg``: the rule's ``default_model`` for ``model = "default"`` (with ``hidden``
-    widths when they differ from the rule's), else :func:`forwardlearn.models.build`."""
+    """The (unattached) model of ``cfg``: the rule's model spec for ``model = "default"`` (with the config's
+    ``hidden`` widths), else :func:`forwardlearn.models.build`."""
     from ..models import build
 
     if cfg["model"] == "default":
-        cls = rule_class(cfg["rule"])
-        if cfg.get("hidden") and list(cfg["hidden"]) != list(cls.defaults.get("hidden") or []):
-            cls = type(cls.__name__, (cls,), {"defaults": {**cls.defaults, "hidden": list(cfg["hidden"])}})
-        return cls.default_model(shape, classes)
+        return rule_class(cfg["rule"]).default_model(shape, classes, cfg.get("hidden") or None)
     return build(cfg["model"], shape, classes, cfg.get("hidden") or None, cfg.get("activation", "relu"))
 
 
