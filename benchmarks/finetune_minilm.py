@@ -48,8 +48,8 @@ def accuracy_part(args: argparse.Namespace, results: dict[str, Any]) -> None:
                               out=runs / row.replace(" ", "").replace(",", "-").replace("+", "-"),
                               progress=not args.quiet, threads=args.threads)
         results["probe"] = {**summary["start"], "train_messages": summary["config"]["probe_train"]}
-        acc[row] = {"config": summary["config"], "records": [{"step": 0, "seconds": 0.0, **summary["start"]},
-                                                             *summary["records"]]}
+        acc[row] = {"config": summary["config"], "command": args.command,
+                    "records": [{"step": 0, "seconds": 0.0, **summary["start"]}, *summary["records"]]}
         write(results, args)
 
 
@@ -58,10 +58,12 @@ def write(results: dict[str, Any], args: argparse.Namespace) -> None:
     base = Path(args.results)
     base.parent.mkdir(parents=True, exist_ok=True)
     path = base.with_suffix(".json")
-    if path.exists():
+    if path.exists():  # rows another process finished meanwhile are kept
         stored = json.loads(path.read_text())
         for k, v in stored.items():
             results.setdefault(k, v)
+        for row, v in stored.get("accuracy", {}).items():
+            results["accuracy"].setdefault(row, v)
     tmp = base.with_suffix(".json.tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.replace(base.with_suffix(".json"))
@@ -90,8 +92,10 @@ def markdown(results: dict[str, Any]) -> str:
         lines.append("")
     acc = results.get("accuracy")
     if acc or results.get("probe"):
-        lines += [f"Accuracy: `{results.get('accuracy_command', '')}`", "",
-                  "| row | steps | training minutes | lr | test acc | hard-ham acc |", "|---|---:|---:|---:|---:|---:|"]
+        commands = sorted({v.get("command", "") for v in (acc or {}).values()})
+        lines += ["Accuracy, each row from the same linear-probe start: " + "; ".join(f"`{c}`" for c in commands),
+                  "", "| row | steps | training minutes | lr | test acc | hard-ham acc |",
+                  "|---|---:|---:|---:|---:|---:|"]
         p = results.get("probe")
         if p:
             lines.append(f"| linear probe on frozen features ({p['train_messages']} messages) | 0 | - | - | "
@@ -130,9 +134,10 @@ def main() -> None:
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args()
     args.acc_max_length = args.acc_max_length or args.max_length
-    command = "python benchmarks/finetune_minilm.py " + shlex.join(sys.argv[1:])
+    command = args.command = "python benchmarks/finetune_minilm.py " + shlex.join(sys.argv[1:])
     path = Path(args.results).with_suffix(".json")
     results = json.loads(path.read_text()) if path.exists() else {}
+    results.setdefault("accuracy", {})
     if args.part in ("cost", "all"):
         rows = cost_rows(args.model, args.batch_size, args.max_length, args.threads, args.repeats)
         results["cost"] = {"command": command, "rows": rows, "settings": {
@@ -140,7 +145,6 @@ def main() -> None:
             "repeats": args.repeats}}
         write(results, args)
     if args.part in ("accuracy", "all"):
-        results["accuracy_command"] = command
         if not args.rows:
             results.pop("probe", None)
             results["accuracy"] = {}
