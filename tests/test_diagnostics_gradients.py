@@ -48,8 +48,11 @@ def test_rules_that_wrap_the_model_are_compared_on_the_model_parameters():
     model = fl.models.mlp(4, [5, 6], 3, activation="tanh")
     out = fl.diagnostics.gradient_alignment(model, fl.get_rule("local_forward_gradient", seed=0), x, y)
     assert set(out["per_parameter"]) == {f"net.{k}" for k, _ in model.named_parameters()}  # heads left out
-    # a projection of the true gradient: cosine = norm ratio (both measured on the model's parameters)
-    assert out["cosine"] > 0
+    # a projection of the true gradient on the local guess: cosine = |cos(guess, gradient)| = norm ratio.
+    # Measured 0.275 here, 0.20-0.86 (mean 0.57) over 20 seeded problems built this way; a random direction in
+    # these 82 parameters gives |cos| ~ sqrt(2 / (pi * 82)) = 0.09, so 0.2 fails if the local guesses stop
+    # tracking the gradient
+    assert out["cosine"] > 0.2
     assert out["cosine"] == pytest.approx(out["norm_ratio"], rel=1e-4)
 
 

@@ -359,8 +359,9 @@ def test_short_training_beats_chance_on_digits(digits) -> None:
                         (X[:600], y[:600]),
                         (Xt, yt), optimizer="adam", lr=0.01, epochs=8, batch_size=32, progress=False,
                         eval_train=False)
-        # chance is 0.10; 8 epochs on 600 images reach about 0.6-0.8 here, so 0.3 fails only if learning broke
-        assert hist.final["test_acc"] > 0.3, (name, hist.column("test_acc"))
+        # chance is 0.10. Measured with seeds 0-4 (torch and rule seed s): ff 0.62-0.74 (mean 0.68), cff
+        # 0.59-0.76 (mean 0.66); 0.5 sits below the lowest seed with room for other torch builds' rounding
+        assert hist.final["test_acc"] > 0.5, (name, hist.column("test_acc"))
 
 
 # --- activity sparsity ----------------------------------------------------------------------------

@@ -57,7 +57,7 @@ def _bad(where: str, key: str, value: Any, want: str) -> ValueError:
 
 
 def _check_run(spec: dict[str, Any], where: str) -> dict[str, Any]:
-    from ..rules import get_rule
+    from ..rules import build_rule
 
     unknown = sorted(set(spec) - RUN_KEYS)
     if unknown:
@@ -102,7 +102,7 @@ def _check_run(spec: dict[str, Any], where: str) -> dict[str, Any]:
         info(spec["data"])
     except Exception as e:  # noqa: BLE001 - the data module's own error names the valid sets
         raise ValueError(f"{where}: {e}") from None
-    get_rule(spec["rule"], seed=0, **spec.get("options", {}))  # unknown rule / option / value -> ValueError
+    build_rule(spec["rule"], 0, spec.get("options", {}), f"{where}: options")  # unknown rule/option/value, seed
     return spec
 
 
@@ -256,6 +256,7 @@ def run_suite(suite: dict[str, Any], results: Path, work: Path, *, device: str =
     chosen = [s for s in runs if not only or s["rule"] in only or s["id"] in only]
     if not chosen:
         raise ValueError(f"no run of suite {suite['name']!r} matches {', '.join(only or [])}")
+    results.mkdir(parents=True, exist_ok=True)  # an unusable results directory fails now, not after training
     cache: dict[str, Any] = {}
     out: dict[str, Any] = {"meta": meta or {}, "suite": {k: suite[k] for k in ("name", "description", "path")},
                            "runs": [], "plots": {}, "skipped": list(suite.get("skipped", []))}

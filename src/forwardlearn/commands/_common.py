@@ -20,13 +20,21 @@ def parse_hidden(text: str | None) -> list[int] | None:
     return widths
 
 
-def parse_options(items: list[str] | None) -> dict[str, Any]:
-    """``["directions=4", "eps=1e-3", "variant=usf"]`` -> a dict, values read as Python literals when they are."""
+#: rule keywords that a verb sets from its own flag; in ``--opt`` they would reach the rule twice
+RESERVED_OPTIONS: dict[str, str] = {"seed": "--seed"}
+
+
+def parse_options(items: list[str] | None, reserved: dict[str, str] = RESERVED_OPTIONS) -> dict[str, Any]:
+    """``["directions=4", "eps=1e-3", "variant=usf"]`` -> a dict, values read as Python literals when they are.
+
+    A key of ``reserved`` (keyword -> the flag that sets it) raises ``ValueError`` naming that flag."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--opt takes KEY=VALUE, got {item!r}")
+        if key in reserved:
+            raise ValueError(f"--opt {item}: {key!r} is set by {reserved[key]}, not by --opt")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):

@@ -66,8 +66,8 @@ def _load_checkpoint(path: Path, device: Any) -> tuple[Any, dict[str, Any]]:
     try:
         model = HarsanyiNet.from_config(state["config"])
         model.load_state_dict(state["model"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise ValueError(f"{path}: not a HarsanyiNet checkpoint ({e})") from e
+    except Exception as e:  # noqa: BLE001 - a checkpoint of another model: say which file
+        raise ValueError(f"{path}: not a HarsanyiNet checkpoint ({type(e).__name__}: {e})") from None
     return model.to(device), state
 
 

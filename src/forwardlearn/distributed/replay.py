@@ -96,8 +96,11 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
         line = f.readline()
         try:
             header = json.loads(line)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: unreadable header ({e})") from None
+        d = header.get("directions_per_step") if isinstance(header, dict) else None
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1 or not isinstance(header.get("config"), dict):
+            raise ValueError(f"{path}: header lacks a positive directions_per_step or a config table")
         return header, f.tell()
 
 
@@ -147,8 +150,13 @@ def replay(base: str | os.PathLike, log: str | os.PathLike, steps: int | None = 
     cfg = state.get("config") or header["config"]
     model, rule, optimizer = build_from_config(cfg)
     require_seed_scalar(rule, "replay")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:  # a checkpoint of another run
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{base}: not the base checkpoint of this update log ({type(e).__name__}: {why[:200]})") \
+            from None
     done = 0
     for step, lr, seeds, scalars in read_records(log):
         if steps is not None and step > steps:

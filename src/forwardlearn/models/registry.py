@@ -57,11 +57,14 @@ def _gnn(spec: dict[str, Any], shape: tuple[int, ...], classes: int) -> nn.Modul
 
 @register_model("physical")
 def _physical(spec: dict[str, Any], shape: tuple[int, ...], classes: int) -> nn.Module:
-    """A simulated physical front end of ``physical_width`` outputs, then ``hidden`` digital layers."""
+    """A simulated physical front end of ``physical_width`` outputs, then ``hidden`` digital layers; the network
+    records ``classes`` (attribute ``classes``) for rules that score every class by goodness."""
     from ..physical import physical_network
 
-    return physical_network(math.prod(shape), list(spec["hidden"]), spec.get("physical_width", 256),
-                            every_layer=spec.get("every_layer", False))
+    net = physical_network(math.prod(shape), list(spec["hidden"]), spec.get("physical_width", 256),
+                           every_layer=spec.get("every_layer", False))
+    net.classes = classes
+    return net
 
 
 def from_spec(spec: dict[str, Any], shape: tuple[int, ...], classes: int) -> nn.Module:

@@ -18,6 +18,7 @@ class Backprop(Rule):
     """
 
     name: ClassVar[str] = "backprop"
+    backward: ClassVar[str] = "global"
     description: ClassVar[str] = "reference: exact gradient by reverse-mode automatic differentiation"
     paper: ClassVar[str] = "Rumelhart, Hinton & Williams 1986, Learning representations by back-propagating errors"
     defaults: ClassVar[dict] = {**Rule.defaults, "lr": 2e-3}

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable
+import re
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
@@ -91,7 +92,34 @@ def get_rule(name: str, **options: Any) -> Rule:
             f"unknown option(s) {', '.join(unknown)} for rule {name!r}; valid options: "
             f"{', '.join(sorted(valid)) or '(none)'}"
         )
-    return cls(**options)
+    try:
+        return cls(**options)
+    except ValueError as e:  # the rule's own check: say which rule refused the value
+        if names_rule(name, str(e)):
+            raise
+        raise ValueError(f"rule {name!r}: {e}") from None
+
+
+def names_rule(name: str, text: str) -> bool:
+    """Whether ``text`` mentions rule ``name`` as a word (``ff`` in "ff: ..." but not in "off" or "ff_conv")."""
+    return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text) is not None
+
+
+#: keywords every rule takes that a run sets itself (its seed); a stored option set must not repeat them
+RESERVED_OPTIONS: tuple[str, ...] = ("seed",)
+
+
+def build_rule(name: str, seed: int | None, options: Mapping[str, Any] | None = None, where: str = "options") -> Rule:
+    """``get_rule(name, seed=seed, **options)`` for option sets read from a flag or a file.
+
+    A reserved key (``seed``) inside ``options`` raises ``ValueError`` naming it and ``where`` it came from,
+    instead of reaching the rule's constructor twice.
+    """
+    options = dict(options or {})
+    clash = [k for k in RESERVED_OPTIONS if k in options]
+    if clash:
+        raise ValueError(f"{where}: {', '.join(clash)} is set by the run itself, not as a rule option of {name!r}")
+    return get_rule(name, seed=seed, **options)
 
 
 def accumulate_grad(param: Tensor, grad: Tensor) -> None:
@@ -169,6 +197,10 @@ class Rule:
     }
     #: True for rules that never run a reverse-mode pass across the network
     forward_only: ClassVar[bool] = False
+    #: what runs in reverse (the README's "backward pass" column): "none" (never backward() or autograd.grad;
+    #: ``forward_only``), "local" (autograd only inside one layer or block on its own local objective),
+    #: "feedback" (a backward pass through feedback matrices instead of W^T) or "global" (backprop)
+    backward: ClassVar[str] = "global"
     #: what ``inputs`` are: "tensor" (a batch of examples, or a mapping of tensors such as a tokenizer's
     #: output, see ``forwardlearn.data.batches``) or "graph" (see ``forwardlearn.data.graphs``)
     data_kind: ClassVar[str] = "tensor"
@@ -221,6 +253,11 @@ class Rule:
                    weight_decay: float = 0.0) -> float:
         """Estimate and apply an SGD step in place, without ``.grad`` (rules with ``supports_fused``)."""
         raise NotImplementedError(f"rule {self.name!r} has no fused step")
+
+    def untrained(self, model: nn.Module) -> set[str]:
+        """Names (as in ``model.named_parameters()``) of trainable parameters of the attached ``model`` that
+        :meth:`grads` leaves without ``.grad`` by design, each documented by the rule. Default: none."""
+        return set()
 
     def state_dict(self) -> dict[str, Any]:
         """All rule state as tensors and plain values (loadable with ``weights_only=True``)."""

@@ -122,6 +122,7 @@ class EquilibriumPropagation(Rule):
     """
 
     name: ClassVar[str] = "ep"
+    backward: ClassVar[str] = "local"
     description: ClassVar[str] = ("equilibrium propagation on a convergent net: free and nudged relaxations; "
                                   "symmetric, holomorphic and asymmetric variants")
     paper: ClassVar[str] = ("Scellier & Bengio 2017, Equilibrium propagation; Laborieux & Zenke 2022, Holomorphic "

@@ -85,6 +85,7 @@ class ForwardGNN(Rule):
     """
 
     name: ClassVar[str] = "forward_gnn"
+    backward: ClassVar[str] = "local"
     description: ClassVar[str] = "ForwardGNN: layer-local forward learning of GNNs (label-appending FF, single forward)"
     paper: ClassVar[str] = "Park et al. 2024, Forward Learning of Graph Neural Networks (ICLR 2024)"
     defaults: ClassVar[dict[str, Any]] = {

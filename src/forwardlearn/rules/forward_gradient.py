@@ -72,6 +72,7 @@ class ForwardGradient(SeedScalarRule):
     """
 
     name: ClassVar[str] = "forward_gradient"
+    backward: ClassVar[str] = "none"
     description: ClassVar[str] = "forward gradient: (grad . v) v from forward-mode AD along random weight tangents"
     paper: ClassVar[str] = "Baydin, Pearlmutter, Syme, Wood & Torr 2022, Gradients without Backpropagation"
     #: digits: the estimator's variance grows with the number of weights, hence a narrow net and K = 32
@@ -238,6 +239,7 @@ class ActivityForwardGradient(Rule):
     """
 
     name: ClassVar[str] = "activity_forward_gradient"
+    backward: ClassVar[str] = "none"
     description: ClassVar[str] = "forward gradient with tangents on layer outputs, weights updated from local inputs"
     paper: ClassVar[str] = "Ren, Kornblith, Liao & Hinton 2022, Scaling Forward Gradient With Local Losses"
     defaults: ClassVar[dict[str, Any]] = {

@@ -80,6 +80,7 @@ class Pepita(Rule):
     """
 
     name: ClassVar[str] = "pepita"
+    backward: ClassVar[str] = "none"
     description: ClassVar[str] = "PEPITA: second forward pass on the input modulated by the projected output error"
     paper: ClassVar[str] = (
         "Dellaferrera & Kreiman 2022 (ICML), Error-driven Input Modulation: Solving the Credit Assignment "

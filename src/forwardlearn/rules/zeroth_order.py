@@ -69,6 +69,7 @@ class ZerothOrderSPSA(SeedScalarRule):
     """
 
     name: ClassVar[str] = "zo_spsa"
+    backward: ClassVar[str] = "none"
     description: ClassVar[str] = "zeroth-order SPSA: loss differences along seeded random perturbations (MeZO)"
     paper: ClassVar[str] = ("Malladi et al. 2023, Fine-Tuning Language Models with Just Forward Passes (MeZO); "
                             "Feng et al. 2023, Does Federated Learning Really Need Backpropagation? (BAFFLE)")

@@ -12,9 +12,10 @@ A checkpoint is a ``dict`` of tensors and plain values (loadable with ``weights_
     config           the run's settings (plain values: see :func:`forwardlearn.training.run.build_run`)
     strategy         what the step strategy keeps (world size, update-log position, ...)
 
-Files are written to a temporary name, fsynced and renamed, so a crash leaves the previous file whole. Every
-read goes through :func:`load_checkpoint`: a missing file is ``FileNotFoundError``, anything that is not a
-forwardlearn checkpoint (corrupt, truncated, another program's file) one line of ``ValueError``.
+Files are written to a temporary name, fsynced and renamed, so a crash leaves the previous file whole and a
+failed write (a full disk) leaves no temporary file. Every read goes through :func:`load_checkpoint`: a missing
+file is ``FileNotFoundError``, anything that is not a forwardlearn checkpoint (corrupt, truncated, another
+program's file) one line of ``ValueError``.
 """
 
 from __future__ import annotations
@@ -63,22 +64,30 @@ def atomic_save(obj: Any, path: str | os.PathLike) -> None:
     """``torch.save(obj, path)`` through a temporary file, fsynced and renamed."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a full disk or an interrupt: leave no half-written temp file behind
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def atomic_write_text(text: str, path: str | os.PathLike) -> None:
     """Write ``text`` to ``path`` through a temporary file, fsynced and renamed."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def write_metrics(records: Sequence[dict[str, Any]], path: str | os.PathLike) -> None:

@@ -204,7 +204,7 @@ class Trainer:
         state = load_checkpoint(path, TRAINING_KEYS, map_location=self.device)
         try:
             self.load_state_dict(state)
-        except (KeyError, RuntimeError, TypeError, IndexError) as e:
+        except (KeyError, RuntimeError, TypeError, IndexError, AttributeError) as e:
             msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ValueError(f"{path}: does not fit this run ({type(e).__name__}: {msg[:200]})") from None
         return True

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..rules.base import Rule, get_rule, rule_class, trainable_parameters
+from ..rules.base import Rule, build_rule, rule_class, trainable_parameters
 from .checkpoint import CHECKPOINT, read_config
 from .optim import make_optimizer, resolve_device
 
@@ -117,7 +117,8 @@ def build_run(config: dict[str, Any], *, device: str | torch.device | None = Non
                              "`forwardlearn finetune`")
         cfg["shape"], cfg["classes"] = list(spec.shape), spec.classes
     torch.manual_seed(int(cfg.get("seed", 0)))
-    rule = get_rule(cfg["rule"], seed=int(cfg.get("seed", 0)), **cfg["options"])
+    check_data_kind(rule_class(cfg["rule"]), cfg.get("data"))
+    rule = build_rule(cfg["rule"], int(cfg.get("seed", 0)), cfg["options"])
     train = test = None
     if load_data:
         train = data.load(cfg["data"], "train", root=data_dir)
@@ -127,6 +128,15 @@ def build_run(config: dict[str, Any], *, device: str | torch.device | None = Non
     model = rule.attach(model.to(dev))
     opt = make_optimizer(cfg["optimizer"], trainable_parameters(model), float(cfg["lr"])) if optimizer else None
     return Run(cfg, model, rule, opt, dev, train, test, initial)
+
+
+def check_data_kind(rule_cls: type[Rule], data_name: str | None) -> None:
+    """Refuse a rule that needs another kind of data than the tensor data sets a run loads (a graph rule trains
+    with :func:`~forwardlearn.training.graph.train_graph`)."""
+    if rule_cls.data_kind != "tensor":
+        given = f"the {data_name!r} data set" if data_name else "a tensor data set"
+        raise ValueError(f"rule {rule_cls.name!r} needs {rule_cls.data_kind} data, not {given} "
+                         f"(a run trains on tensor data sets; a graph rule trains with train_graph)")
 
 
 def run_directory(out: str | Path, resume: bool) -> Path:
@@ -164,4 +174,5 @@ def check_resume(out: str | Path, cfg: dict[str, Any], keys: tuple[str, ...] = R
         raise ValueError(f"resuming {out} with settings that differ from its checkpoint: {', '.join(changed)}")
 
 
-__all__ = ["RESUME_KEYS", "Run", "build_model", "build_run", "check_resume", "run_config", "run_directory"]
+__all__ = ["RESUME_KEYS", "Run", "build_model", "build_run", "check_data_kind", "check_resume", "run_config",
+           "run_directory"]
