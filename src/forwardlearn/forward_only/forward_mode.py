@@ -7,7 +7,7 @@ directional derivatives of a batch loss.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import torch
@@ -15,6 +15,7 @@ import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.batches import Inputs, call_model, logits_of
 from ..rules.base import LossFn, trainable_parameters
 
 
@@ -70,7 +71,7 @@ def sequential_jvp(
     ``L' = mean_n (softmax(z_n) . z'_n - z'_n[y_n])``. The same matrix products as forward-mode AD, fused
     into ``addmm`` calls without dual-tensor dispatch; each layer's tangent lives only while it runs.
     """
-    if type(model) is not nn.Sequential or loss_fn is not F.cross_entropy:
+    if type(model) is not nn.Sequential or loss_fn is not F.cross_entropy or not isinstance(inputs, Tensor):
         return None
     if targets.dim() != 1 or targets.dtype not in (torch.int64, torch.int32) or inputs.dim() < 2:
         return None
@@ -136,7 +137,7 @@ def sequential_jvp(
 
 def jvp_loss(
     model: nn.Module,
-    inputs: Tensor,
+    inputs: Inputs,
     targets: Tensor,
     loss_fn: LossFn,
     tangent_of: Callable[[int, nn.Parameter], Tangent | None],
@@ -239,7 +240,7 @@ def jvp_loss(
                     for m in owned:
                         swap(m)
                 try:
-                    loss = loss_fn(model(inputs), targets)
+                    loss = loss_fn(logits_of(call_model(model, inputs)), targets)
                 except (RuntimeError, NotImplementedError) as e:
                     if stack:
                         m = stack[-1]
@@ -263,6 +264,14 @@ def jvp_loss(
         value, d, _ = run(eager=True)
     return value, d
 
+
+
+def functional_call(model: nn.Module, params: dict[str, Tensor], inputs: Inputs) -> Any:
+    """``torch.func.functional_call`` of ``model`` with ``params`` on a tensor or a mapping batch
+    (``model(**inputs)`` for a mapping)."""
+    if isinstance(inputs, Mapping):
+        return torch.func.functional_call(model, params, (), dict(inputs))
+    return torch.func.functional_call(model, params, (inputs,))
 
 
 def per_example_directional(loss_fn: LossFn, outputs: Tensor, targets: Tensor, tangent: Tensor) -> Tensor:

@@ -16,12 +16,14 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from ..data.batches import logits_of
 from ..forward_only.directions import Directions, accumulate_directions, draw_seeds, flat_view
 from ..forward_only.forward_mode import (
     BATCHED_LIMIT,
     TANGENTS,
     RankOne,
     Tangent,
+    functional_call,
     jvp_loss,
     per_example_directional,
 )
@@ -157,8 +159,7 @@ class ForwardGradient(SeedScalarRule):
                     tangents[i][k].copy_(t.full(p) if isinstance(t, RankOne) else t)
 
         def loss_of(*ps: Tensor) -> Tensor:
-            out = torch.func.functional_call(model, dict(zip(keys, ps)), (inputs,))
-            return self.loss(out, targets)
+            return self.loss(logits_of(functional_call(model, dict(zip(keys, ps)), inputs)), targets)
 
         def one(*ts: Tensor) -> tuple[Tensor, Tensor]:
             return torch.func.jvp(loss_of, primals, ts)

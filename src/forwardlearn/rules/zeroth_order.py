@@ -8,8 +8,9 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from ..data.batches import Inputs, call_model, logits_of
 from ..forward_only.directions import Directions, accumulate_directions, draw_seeds, flat_view
-from ..forward_only.forward_mode import BATCHED_LIMIT
+from ..forward_only.forward_mode import BATCHED_LIMIT, functional_call
 from ..forward_only.lowrank import LowRank, Plan, plan
 from .base import (
     LossFn,
@@ -139,8 +140,8 @@ class ZerothOrderSPSA(SeedScalarRule):
             self._dirs.add_(flats, seed, alpha)
 
     @torch.no_grad()
-    def _loss(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
-        return float(self.loss(model(inputs), targets))
+    def _loss(self, model: nn.Module, inputs: Inputs, targets: Tensor) -> float:
+        return float(self.loss(logits_of(call_model(model, inputs)), targets))
 
     @torch.no_grad()
     def _estimate(self, model: nn.Module, inputs: Tensor, targets: Tensor,
@@ -215,8 +216,7 @@ class ZerothOrderSPSA(SeedScalarRule):
                     z[layer.bias].copy_(zb)
 
         def loss_at(*ws: Tensor) -> Tensor:
-            out = torch.func.functional_call(model, dict(zip(keys, ws)), (inputs,))
-            return self.loss(out, targets)
+            return self.loss(logits_of(functional_call(model, dict(zip(keys, ws)), inputs)), targets)
 
         batched = torch.func.vmap(loss_at)
         eps = self.eps

@@ -112,6 +112,9 @@ def build_run(config: dict[str, Any], *, device: str | torch.device | None = Non
     dev = resolve_device(device)
     if "shape" not in cfg or "classes" not in cfg:
         spec = data.info(cfg["data"])
+        if spec.kind == "text":
+            raise ValueError(f"{cfg['data']} is a text data set: fine-tune a pretrained model on it with "
+                             "`forwardlearn finetune`")
         cfg["shape"], cfg["classes"] = list(spec.shape), spec.classes
     torch.manual_seed(int(cfg.get("seed", 0)))
     check_data_kind(rule_class(cfg["rule"]), cfg.get("data"))

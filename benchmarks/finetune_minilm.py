@@ -1,0 +1,156 @@
+"""Fine-tuning MiniLM (all-MiniLM-L6-v2, bundled) on SpamAssassin: memory, time and accuracy of every rule.
+
+    forwardlearn data fetch spam-assassin
+    python benchmarks/finetune_minilm.py --threads 2            # everything (hours on a small CPU)
+    python benchmarks/finetune_minilm.py --part cost            # memory and time only (minutes)
+
+Writes ``benchmarks/results/finetune_minilm.json`` / ``.md`` / ``.png`` (``--results`` to change), with the
+command that made them. ``--part cost`` and ``--part accuracy`` update their own half of an existing JSON.
+Memory and time (:mod:`forwardlearn.bench.finetune`): one child process per row, batch ``--batch-size``,
+``--max-length`` tokens, ``--threads`` threads; the time of a step is a ratio to one forward pass measured in
+the same child. Accuracy: every row starts from the same pretrained encoder and head seed, trains on the shared
+training loop (run directories under ``--runs``, resumed when they exist) and is evaluated every
+``--eval-every`` steps on a seeded stratified subset of ``--test-size`` test messages; the floor is a linear
+probe on the frozen pretrained features of ``--probe-train`` training messages.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from pathlib import Path
+from typing import Any
+
+from forwardlearn.bench.finetune import ROWS, cost_rows
+
+
+def accuracy_part(args: argparse.Namespace, results: dict[str, Any]) -> None:
+    import torch
+
+    from forwardlearn import finetune as ft
+
+    torch.set_num_threads(args.threads)
+    steps = {"zo_spsa": args.zo_steps, "forward_gradient": args.steps, "backprop": args.steps}
+    acc = results.setdefault("accuracy", {})
+    runs = Path(args.runs)
+    head: str | dict = "probe"  # LP-FT: every row starts from the same linear probe, fitted once
+    for row, (rule, params, _) in ROWS.items():
+        if rule is None or (args.rows and row not in args.rows):
+            continue
+        prep = ft.prepare(args.model, rule=rule, params=params, batch_size=args.batch_size,
+                          max_length=args.acc_max_length, test_size=args.test_size, seed=0, head=head,
+                          probe_train=args.probe_train)
+        head = {k: v.clone() for k, v in prep.model.head.state_dict().items()}
+        n_steps = steps[rule]
+        summary = ft.finetune(prep, steps=n_steps, eval_every=max(1, n_steps // args.evals), resume=True,
+                              out=runs / row.replace(" ", "").replace(",", "-").replace("+", "-"),
+                              progress=not args.quiet, threads=args.threads)
+        results["probe"] = {**summary["start"], "train_messages": summary["config"]["probe_train"]}
+        acc[row] = {"config": summary["config"], "command": args.command,
+                    "records": [{"step": 0, "seconds": 0.0, **summary["start"]}, *summary["records"]]}
+        write(results, args)
+
+
+def write(results: dict[str, Any], args: argparse.Namespace) -> None:
+    """Write ``results`` over the stored file's keys (another part, running at the same time, keeps its own)."""
+    base = Path(args.results)
+    base.parent.mkdir(parents=True, exist_ok=True)
+    path = base.with_suffix(".json")
+    if path.exists():  # rows another process finished meanwhile are kept
+        stored = json.loads(path.read_text())
+        for k, v in stored.items():
+            results.setdefault(k, v)
+        for row, v in stored.get("accuracy", {}).items():
+            results["accuracy"].setdefault(row, v)
+    tmp = base.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n")
+    tmp.replace(base.with_suffix(".json"))
+    base.with_suffix(".md").write_text(markdown(results))
+    if results.get("accuracy"):
+        from forwardlearn.finetune import plot_accuracy
+
+        plot_accuracy({k: v["records"] for k, v in results["accuracy"].items()}, base.with_suffix(".png"),
+                      floor=results.get("probe", {}).get("test_acc"))
+
+
+def markdown(results: dict[str, Any]) -> str:
+    lines = ["# Fine-tuning MiniLM on SpamAssassin", ""]
+    cost = results.get("cost")
+    if cost:
+        s = cost["settings"]
+        inf = next(r for r in cost["rows"] if r["row"] == "inference")
+        lines += [f"Memory and time: batch {s['batch_size']}, max length {s['max_length']}, {s['threads']} threads; "
+                  f"`{cost['command']}`", "",
+                  "| row | trained parameters | peak MB above baseline | x inference | step / forward |",
+                  "|---|---:|---:|---:|---:|"]
+        for r in cost["rows"]:
+            ratio = r["step_seconds"] / r["forward_seconds"]
+            lines.append(f"| {r['row']} | {r['trainable']:,} | {r['peak_bytes'] / 2**20:.0f} | "
+                         f"{r['peak_bytes'] / inf['peak_bytes']:.2f} | {ratio:.2f} |")
+        lines.append("")
+    acc = results.get("accuracy")
+    if acc or results.get("probe"):
+        commands = sorted({v.get("command", "") for v in (acc or {}).values()})
+        lines += ["Accuracy, each row from the same linear-probe start: " + "; ".join(f"`{c}`" for c in commands),
+                  "", "| row | steps | training minutes | lr | test acc | hard-ham acc |",
+                  "|---|---:|---:|---:|---:|---:|"]
+        p = results.get("probe")
+        if p:
+            lines.append(f"| linear probe on frozen features ({p['train_messages']} messages) | 0 | - | - | "
+                         f"{100 * p['test_acc']:.2f} % | {100 * p['hard_ham_acc']:.1f} % |")
+        for row, v in (acc or {}).items():
+            last = v["records"][-1]
+            minutes = sum(r.get("seconds", 0.0) for r in v["records"]) / 60
+            lines.append(f"| {row} | {last.get('step')} | {minutes:.1f} | {v['config']['lr']:g} | "
+                         f"{100 * last.get('test_acc', float('nan')):.2f} % | "
+                         f"{100 * last.get('hard_ham_acc', float('nan')):.1f} % |")
+        if acc:
+            first = next(iter(acc.values()))["config"]
+            lines += ["", f"Test subset: {first['test_size']} messages (seeded, stratified); max length "
+                      f"{first['max_length']}; batch {first['batch_size']}. Curves: `finetune_minilm.png`."]
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--part", choices=["cost", "accuracy", "all"], default="all")
+    ap.add_argument("--model", default="minilm")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--max-length", type=int, default=128)
+    ap.add_argument("--acc-max-length", type=int, default=None, help="max length of the accuracy runs "
+                    "(default --max-length)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--zo-steps", type=int, default=2000, help="steps of the zo_spsa rows")
+    ap.add_argument("--steps", type=int, default=500, help="steps of the forward_gradient and backprop rows")
+    ap.add_argument("--evals", type=int, default=5, help="evaluations per run")
+    ap.add_argument("--test-size", type=int, default=None, help="test subset (default: the whole test split)")
+    ap.add_argument("--probe-train", type=int, default=1024, help="training messages of the linear probe")
+    ap.add_argument("--rows", nargs="*", default=None, help="only these accuracy rows (default: all)")
+    ap.add_argument("--runs", default="runs/bench-finetune")
+    ap.add_argument("--results", default="benchmarks/results/finetune_minilm")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args()
+    args.acc_max_length = args.acc_max_length or args.max_length
+    command = args.command = "python benchmarks/finetune_minilm.py " + shlex.join(sys.argv[1:])
+    path = Path(args.results).with_suffix(".json")
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results.setdefault("accuracy", {})
+    if args.part in ("cost", "all"):
+        rows = cost_rows(args.model, args.batch_size, args.max_length, args.threads, args.repeats)
+        results["cost"] = {"command": command, "rows": rows, "settings": {
+            "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads,
+            "repeats": args.repeats}}
+        write(results, args)
+    if args.part in ("accuracy", "all"):
+        if not args.rows:
+            results.pop("probe", None)
+            results["accuracy"] = {}
+        accuracy_part(args, results)
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()

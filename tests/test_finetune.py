@@ -1,0 +1,184 @@
+"""``forwardlearn finetune`` end to end on a tiny random BERT and a fake corpus; one slow test on the real MiniLM."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+
+from forwardlearn.cli import main  # noqa: E402
+from forwardlearn.data import spam_assassin as sa  # noqa: E402
+from hf_fixtures import fake_messages  # noqa: E402
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    root = tmp_path / "data"
+    monkeypatch.setattr(sa, "EXPECTED", {**sa.EXPECTED, **fake_messages(root)})
+    return root
+
+
+def _args(tiny_dir, corpus, out, *extra: str) -> list[str]:
+    return ["finetune", "--model", str(tiny_dir), "--data-dir", str(corpus), "--out", str(out), "--quiet",
+            "--batch-size", "8", "--max-length", "12", *extra]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--rule", "zo_spsa", "--params", "bias"], "unknown --params 'bias'"),
+    (["--rule", "ff"], "rule 'ff' cannot take mapping inputs"),
+    (["--rule", "backprop", "--step", "fused"], "has no fused step"),
+    (["--rule", "forward_gradient", "--attention", "sdpa"], "use --attention eager"),
+    (["--rule", "backprop", "--max-length", "100"], "longer than the model takes"),
+])
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tiny_dir, corpus, tmp_path, capsys, extra, message):
+    out = tmp_path / "run"
+    assert main([*_args(tiny_dir, corpus, out), "--steps", "2", *extra]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not out.exists()
+
+
+def test_not_a_model_directory_and_hub_names_are_refused(corpus, tmp_path, capsys):
+    for model, message in ((str(tmp_path), "not a Hugging Face model directory"),
+                           ("bert-base-uncased", "loading is offline")):
+        assert main(_args(model, corpus, tmp_path / "run", "--rule", "backprop", "--steps", "1")) == 2
+        assert message in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("rule, params", [("zo_spsa", "full"), ("forward_gradient", "lora"), ("backprop", "head")])
+def test_finetune_writes_records_reports_and_resumes_exactly(tiny_dir, corpus, tmp_path, rule, params):
+    pytest.importorskip("forwardlearn.training")
+    full, split = tmp_path / "full", tmp_path / "split"
+    common = ["--rule", rule, "--params", params, "--eval-every", "2", "--lr", "1e-2"]
+    assert main([*_args(tiny_dir, corpus, full), *common, "--steps", "6"]) == 0
+    summary = json.loads((full / "summary.json").read_text())
+    assert [r["step"] for r in summary["records"]] == [2, 4, 6]
+    assert all(0 <= r["test_acc"] <= 1 and "hard_ham_acc" in r for r in summary["records"])
+    assert (full / "accuracy.png").stat().st_size > 0 and "| 6 |" in (full / "summary.md").read_text()
+    # 4 steps, then resumed to 6: the same weights as 6 in one go
+    assert main([*_args(tiny_dir, corpus, split), *common, "--steps", "4"]) == 0
+    assert main([*_args(tiny_dir, corpus, split), *common, "--steps", "6", "--resume"]) == 0
+    a = torch.load(full / "checkpoint.pt", weights_only=True)["model"]
+    b = torch.load(split / "checkpoint.pt", weights_only=True)["model"]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_with_changed_settings_is_refused(tiny_dir, corpus, tmp_path, capsys):
+    pytest.importorskip("forwardlearn.training")
+    out = tmp_path / "run"
+    assert main([*_args(tiny_dir, corpus, out), "--rule", "backprop", "--params", "head", "--steps", "2"]) == 0
+    assert main([*_args(tiny_dir, corpus, out), "--rule", "backprop", "--params", "head", "--steps", "2"]) == 2
+    assert "already holds a checkpoint" in capsys.readouterr().err
+    assert main([*_args(tiny_dir, corpus, out), "--rule", "backprop", "--params", "head", "--steps", "4",
+                 "--lr", "0.5", "--resume"]) == 2
+    assert "differ from its checkpoint: lr" in capsys.readouterr().err
+
+
+def test_zo_full_finetuning_uses_the_fused_step_without_grad_buffers(tiny_dir, corpus, tmp_path):
+    pytest.importorskip("forwardlearn.training")
+    from forwardlearn import finetune as ft
+
+    prep = ft.prepare(str(tiny_dir), rule="zo_spsa", params="full", batch_size=8, max_length=12,
+                      data_dir=corpus)
+    assert prep.config["step"] == "fused"
+    ft.finetune(prep, steps=3, progress=False)
+    assert all(p.grad is None for p in prep.model.parameters())
+
+
+@pytest.mark.slow
+def test_real_minilm_finetunes_a_few_steps_with_every_rule(tmp_path):
+    """The bundled MiniLM on the real corpus (needs `forwardlearn data fetch spam-assassin`): a few steps of each
+    rule run and evaluate; backprop's loss falls over 20 steps (a measured fall of more than half)."""
+    pytest.importorskip("forwardlearn.training")
+    from forwardlearn import finetune as ft
+
+    try:
+        sa.read_messages(__import__("forwardlearn").data.data_dir())
+    except sa.DataError as e:
+        pytest.skip(str(e))
+    torch.set_num_threads(2)
+    for rule, params in (("zo_spsa", "full"), ("forward_gradient", "lora")):
+        prep = ft.prepare("minilm", rule=rule, params=params, max_length=32, test_size=32)
+        s = ft.finetune(prep, steps=2, progress=False)
+        assert 0 <= s["final"]["test_acc"] <= 1
+    prep = ft.prepare("minilm", rule="backprop", params="full", max_length=32, test_size=64)
+    s = ft.finetune(prep, steps=20, eval_every=20, progress=False, out=tmp_path / "bp")
+    assert s["final"]["test_acc"] > 0.8
+
+
+def test_fl_train_takes_token_mappings(tiny_dir):
+    pytest.importorskip("forwardlearn.training")
+    import forwardlearn as fl
+    from forwardlearn.models import hf
+
+    tok, model = hf.load_tokenizer(tiny_dir), hf.load_classifier(tiny_dir, params="lora", lora_rank=2)
+    texts = ["free money now", "linux kernel patch", "click win cash", "thanks for the code"] * 4
+    x, y = hf.tokenize(tok, texts, 8), torch.tensor([1, 0, 1, 0] * 4)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    h = fl.train(model, "zo_spsa", (x, y), (x, y), strategy="fused", lr=1e-2, steps=4, batch_size=4,
+                 progress=False, eval_train=False)
+    assert h.final["test_acc"] >= 0 and len(h) == 1
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed and all("lora_" in k or k.startswith("head.") for k in changed)  # only what LoRA trains
+
+
+_RANK_SCRIPT = """
+import json, sys
+from forwardlearn.data import spam_assassin as sa
+sa.EXPECTED = {**sa.EXPECTED, **{k: tuple(v) for k, v in json.loads(sys.argv[1]).items()}}
+from forwardlearn.cli import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+@pytest.mark.slow  # two torchrun ranks each import transformers: 20-160 s depending on the machine's load
+def test_two_rank_finetune_exchanges_seeds_and_scalars_and_equals_the_serial_emulation(tiny_dir, tmp_path):
+    """``torchrun --nproc-per-node 2 ... finetune --distributed`` on the tiny BERT: rank 0's weights equal one
+    process playing both ranks with the same seeds (the seed-and-scalar step, bit for bit)."""
+    pytest.importorskip("forwardlearn.training")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from forwardlearn import finetune as ft
+    from forwardlearn.distributed.trainer import SeedScalarStep
+    from forwardlearn.rules import get_rule, trainable_parameters
+    from forwardlearn.training import Trainer
+
+    root = tmp_path / "data"
+    expected = fake_messages(root)
+    script = tmp_path / "rank.py"
+    script.write_text(_RANK_SCRIPT)
+    out = tmp_path / "dist"
+    torchrun = Path(sys.executable).with_name("torchrun")
+    cmd = [str(torchrun), "--standalone", "--nproc-per-node", "2", str(script), json.dumps(expected),
+           *_args(tiny_dir, root, out), "--rule", "zo_spsa", "--steps", "3", "--lr", "1e-2", "--distributed"]
+    proc = subprocess.run(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["world_size"] == 2 and summary["config"]["step"] == "seed_scalar"
+    last = summary["records"][-1]
+    assert last["measured_bytes_per_step"] == last["wire_bytes_per_step"] > 0  # only the records went over
+    # the same run in one process playing ranks 0 and 1 in turn
+    sa_expected = {**sa.EXPECTED, **expected}
+    orig = sa.EXPECTED
+    sa.EXPECTED = sa_expected
+    try:
+        prep = ft.prepare(str(tiny_dir), rule="zo_spsa", batch_size=8, max_length=12, data_dir=root, lr=1e-2)
+    finally:
+        sa.EXPECTED = orig
+    rule = get_rule("zo_spsa", seed=0, **prep.config["options"])
+    model = rule.attach(prep.model)
+    opt = torch.optim.SGD(trainable_parameters(model), lr=1e-2)
+    step = SeedScalarStep(rule, seed=0, ranks=[0, 1], world_size=2)
+    Trainer(model, rule, opt, batch_size=8, steps=3, eval_every=3, strategy=step, seed=0, progress=False,
+            eval_train=False, device="cpu").fit(prep.train, prep.test)
+    dist_weights = torch.load(out / "checkpoint.pt", weights_only=True)["model"]
+    assert all(torch.equal(dist_weights[k], v) for k, v in model.state_dict().items())
