@@ -1,19 +1,23 @@
 """Ordinary ``nn.Module`` models built from standard layers, so learning rules can walk their layers."""
 
-from .basic import ACTIVATIONS, activation_module, build, cnn, mlp
+from .basic import ACTIVATIONS, MODELS, activation_module, build, cnn, mlp
 from .convergent import ConvergentNet, convergent
 from .gnn import GNN, GraphConv, gnn
 from .harsanyi import HarsanyiNet
 from .resnet import BasicBlock, ResNet, resnet, resnet18
+from .zoo import PositionEmbedding, RowTransformer, rescnn, transformer
 
 __all__ = [
     "ACTIVATIONS",
+    "MODELS",
     "BasicBlock",
     "ConvergentNet",
     "GNN",
     "GraphConv",
     "HarsanyiNet",
+    "PositionEmbedding",
     "ResNet",
+    "RowTransformer",
     "activation_module",
     "build",
     "cnn",
@@ -21,5 +25,7 @@ __all__ = [
     "gnn",
     "mlp",
     "resnet",
+    "rescnn",
     "resnet18",
+    "transformer",
 ]

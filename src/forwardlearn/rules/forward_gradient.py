@@ -23,6 +23,7 @@ from ..forward_only.forward_mode import (
     RankOne,
     Tangent,
     jvp_loss,
+    math_attention,
     per_example_directional,
 )
 from ..forward_only.local import accumulate_layer, layer_weight_grads, perturbable_layers
@@ -162,7 +163,8 @@ class ForwardGradient(Rule):
         def one(*ts: Tensor) -> tuple[Tensor, Tensor]:
             return torch.func.jvp(loss_of, primals, ts)
 
-        values, d = torch.func.vmap(one)(*tangents)
+        with math_attention():
+            values, d = torch.func.vmap(one)(*tangents)
         return float(values[0].detach()), d.detach().to(torch.float64).cpu()
 
     def apply(self, model: nn.Module, seeds: list[int], scalars: Tensor) -> None:
