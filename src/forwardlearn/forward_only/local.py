@@ -86,6 +86,13 @@ def perturbed_units(model: nn.Module, rule: str, blocks: BlockSpec = None) -> li
     return out
 
 
+def couples_examples(model: nn.Module) -> bool:
+    """True when a batch-norm layer normalises with the statistics of the batch (training mode, or no running
+    statistics): one example's perturbation then reaches every example's output."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+               for m in model.modules())
+
+
 class Saved(NamedTuple):
     """What a unit's forward hook keeps for its local gradient: the unit, its (primal, detached) inputs,
     and for re-run units the random-number state before it ran and its buffers after."""
@@ -205,5 +212,5 @@ def accumulate_layer(module: nn.Module, grads: dict[str, Tensor]) -> None:
             give_grad(p, g)
 
 
-__all__ = ["FORMULA", "NORMS", "PERTURBABLE", "Saved", "accumulate_layer", "give_grad", "layer_weight_grads",
+__all__ = ["FORMULA", "NORMS", "PERTURBABLE", "Saved", "accumulate_layer", "couples_examples", "give_grad", "layer_weight_grads",
            "local_grads", "perturbable_layers", "perturbed_units", "primal", "save_inputs"]

@@ -27,7 +27,15 @@ from ..forward_only.forward_mode import (
     per_example_directional,
 )
 from ..blocks import BlockSpec, call_model, first_tensor, replace_first
-from ..forward_only.local import FORMULA, Saved, accumulate_layer, local_grads, perturbed_units, save_inputs
+from ..forward_only.local import (
+    FORMULA,
+    Saved,
+    accumulate_layer,
+    couples_examples,
+    local_grads,
+    perturbed_units,
+    save_inputs,
+)
 from .base import LossFn, Rule, check_finite, check_int, register, trainable_parameters
 
 
@@ -241,9 +249,10 @@ class ActivityForwardGradient(Rule):
     Units: the blocks chosen by ``blocks`` (:func:`forwardlearn.blocks.select_blocks`; default every
     residual block and transformer layer, else every ``Linear``/``Conv2d``) plus every other module with
     trained parameters outside them (:func:`~forwardlearn.forward_only.local.perturbed_units`); on an MLP or
-    CNN exactly its ``Linear``/``Conv2d`` layers, and the rule is then forward-only. Assumes examples do not
-    interact inside the model: batch norm in training mode couples them, and the estimate then leaves out
-    the (``O(1/N)``) cross-example terms. ``directions=K`` averages ``K`` independent passes (default 4,
+    CNN exactly its ``Linear``/``Conv2d`` layers, and the rule is then forward-only. When batch norm
+    normalises with batch statistics (:func:`~forwardlearn.forward_only.local.couples_examples`), one
+    example's tangent reaches every example's loss, so every example uses the batch's directional derivative
+    ``d = sum_n d_n`` instead of its own (unbiased again, at a higher variance). ``directions=K`` averages ``K`` independent passes (default 4,
     tuned for ``digits``; the paper uses 1).
     """
 
@@ -263,6 +272,7 @@ class ActivityForwardGradient(Rule):
 
     def grads(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
         units = perturbed_units(model, self.name, self.blocks)
+        coupled = couples_examples(model)
         gen = self.generator(inputs.device)
         loss = float("nan")
         for _ in range(self.directions):
@@ -290,6 +300,8 @@ class ActivityForwardGradient(Rule):
             with torch.no_grad():
                 loss = check_finite(self.loss(primal, targets), "loss")
                 d = per_example_directional(self.loss, primal.detach(), targets, tan.detach())
+                if coupled:  # every example's tangent reaches every output: the batch's derivative for all
+                    d = d.sum().expand_as(d)
                 while saved:  # one unit at a time, its inputs and tangents freed as we go
                     rec, u = saved.pop()
                     g = u.mul_(d.view(-1, *([1] * (u.dim() - 1))) / self.directions)

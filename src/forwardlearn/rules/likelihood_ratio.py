@@ -10,7 +10,15 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..blocks import BlockSpec, call_model, first_tensor, replace_first
-from ..forward_only.local import FORMULA, Saved, accumulate_layer, local_grads, perturbed_units, save_inputs
+from ..forward_only.local import (
+    FORMULA,
+    Saved,
+    accumulate_layer,
+    couples_examples,
+    local_grads,
+    perturbed_units,
+    save_inputs,
+)
 from .base import LossFn, Rule, check_finite, check_int, check_positive, register
 
 
@@ -42,8 +50,9 @@ class UnifiedLikelihoodRatio(Rule):
     ``Linear``/``Conv2d``/``BatchNorm``/``LayerNorm`` (no backward pass at all), and by the vector-Jacobian
     product of the unit alone for any other unit (a residual block, a transformer layer: reverse mode
     inside that unit, never across units; Jiang et al. 2024 extend LR to such architectures, Sec. 5).
-    Batch norm in training mode couples the examples of a copy; the per-example score then ignores the
-    (``O(1/N)``) cross-example terms.
+    Batch norm in training mode couples the examples (:func:`~forwardlearn.forward_only.local.couples_examples`):
+    then every copy runs as its own batch (``K`` passes) and each example's noise is scored with its copy's
+    total loss, which keeps the estimate unbiased at a higher variance.
 
     Variance reduction: ``antithetic=True`` pairs copy ``k`` with copy ``k + K/2`` carrying ``-eps`` in
     every layer, so each pair contributes ``(L(eps) - L(-eps)) eps / (2 sigma) x^T`` (any constant baseline
@@ -105,40 +114,61 @@ class UnifiedLikelihoodRatio(Rule):
     def grads(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
         units = perturbed_units(model, self.name, self.blocks)
         k, n = self.directions, inputs.shape[0]
+        coupled = couples_examples(model)
         gen = self.generator(inputs.device)
-        saved: list[tuple[Saved, Tensor]] = []
+        saved: list[tuple[int, Saved, Tensor]] = []  # (copy or -1 for all copies, inputs, noise)
         rngs: dict[int, Tensor] = {}
+        call = [-1, 0]  # the copy being run (coupled models run one copy per pass), the hook's position in it
+        first_half: list[Tensor] = []
 
         def hook(m: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
             out = first_tensor(output)
             shape = out.shape
-            if self.antithetic:
+            if coupled and self.antithetic and call[0] >= k // 2:  # the pair of an earlier copy: -eps
+                eps = -first_half[(call[0] - k // 2) * len(units) + call[1]]
+            elif self.antithetic and not coupled:
                 half = torch.randn((k // 2, n, *shape[1:]), generator=gen, dtype=out.dtype, device=out.device)
                 eps = torch.cat([half, -half]).view(shape)
             else:
                 eps = torch.randn(shape, generator=gen, dtype=out.dtype, device=out.device)
-            saved.append((save_inputs(m, args, kwargs, rngs.pop(id(m), None)), eps))
+                if coupled and self.antithetic:
+                    first_half.append(eps)
+            call[1] += 1
+            saved.append((call[0], save_inputs(m, args, kwargs, rngs.pop(id(m), None)), eps))
             return replace_first(output, out + self.sigma * eps)
 
         handles = [m.register_forward_hook(hook, with_kwargs=True) for _, m in units]
         handles += [m.register_forward_pre_hook(lambda m, a: rngs.__setitem__(id(m), torch.get_rng_state()))
                     for _, m in units if not isinstance(m, FORMULA)]
         try:
-            out = first_tensor(call_model(model, inputs.repeat(k, *([1] * (inputs.dim() - 1)))))
+            if coupled:  # batch statistics: each noisy copy is its own batch, as in ordinary training
+                rows = []
+                for c in range(k):
+                    call[:] = [c, 0]
+                    rows.append(per_example_losses(self.loss, first_tensor(call_model(model, inputs)), targets))
+                losses = torch.stack(rows)
+            else:
+                out = first_tensor(call_model(model, inputs.repeat(k, *([1] * (inputs.dim() - 1)))))
+                losses = per_example_losses(self.loss, out, targets.repeat(k, *([1] * (targets.dim() - 1))))
+                losses = losses.view(k, n)
+                del out
         finally:
             for h in handles:
                 h.remove()
-        losses = per_example_losses(self.loss, out, targets.repeat(k, *([1] * (targets.dim() - 1)))).view(k, n)
+        first_half.clear()
         value = check_finite(losses.mean(), "loss")
+        if coupled:  # an example's noise reaches every loss of its copy: score with the copy's total
+            losses = losses.sum(1, keepdim=True).expand(k, n)
         if self.antithetic or not self.baseline:
             centred = losses
         else:
             centred = losses - (losses.sum(0, keepdim=True) - losses) / (k - 1)
-        coef = (centred / (k * n * self.sigma)).reshape(-1)
-        del out, losses, centred
+        coef = centred / (k * n * self.sigma)
+        del losses, centred
         while saved:  # one unit at a time, its noisy inputs and noise freed as we go
-            rec, eps = saved.pop()
-            g = eps.mul_(coef.view(-1, *([1] * (eps.dim() - 1))))
+            c, rec, eps = saved.pop()
+            scale = coef.reshape(-1) if c < 0 else coef[c]
+            g = eps.mul_(scale.view(-1, *([1] * (eps.dim() - 1))))
             accumulate_layer(rec.module, local_grads(rec, g))
             del rec, eps, g
         self.steps += 1
