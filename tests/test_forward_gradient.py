@@ -385,9 +385,10 @@ def test_local_forward_gradient_is_a_projection_of_the_true_gradient(projection)
         _assert_close(est[-n_last:], g[-n_last:])
 
 
-def test_local_forward_gradient_needs_sequential():
-    with pytest.raises(ValueError, match="nn.Sequential"):
-        fl.get_rule("local_forward_gradient").attach(_Outside())
+def test_local_forward_gradient_validates_blocks():
+    # any model is cut at its chosen blocks now (tests/test_architectures.py); a bad choice names the rule
+    with pytest.raises(ValueError, match=r"local_forward_gradient: blocks= names \['nowhere'\]"):
+        fl.get_rule("local_forward_gradient", blocks=["nowhere"]).attach(_Outside())
     with pytest.raises(ValueError, match="projection"):
         fl.get_rule("local_forward_gradient", projection="diagonal")
     model, x, y = _problem()

@@ -72,7 +72,8 @@ def select_blocks(model: nn.Module, spec: BlockSpec = None, rule: str = "blocks"
         out = [(n, m) for n, m in named if id(m) in chosen]
         if not out and isinstance(model, LAYERS):
             out = [("", model)]
-    elif isinstance(spec, type) or (isinstance(spec, (tuple, list)) and spec and all(isinstance(s, type) for s in spec)):
+    elif isinstance(spec, type) or (isinstance(spec, (tuple, list)) and spec
+                                    and all(isinstance(s, type) for s in spec)):
         types = (spec,) if isinstance(spec, type) else tuple(spec)
         if not all(issubclass(t, nn.Module) for t in types):
             raise ValueError(f"{rule}: blocks= types must be nn.Module subclasses, got {types!r}")

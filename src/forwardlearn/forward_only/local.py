@@ -27,6 +27,11 @@ NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
 FORMULA = (*PERTURBABLE, *NORMS)
 
 
+def has_formula(m: nn.Module) -> bool:
+    """A layer of :data:`FORMULA`, or a module with its own ``local_weight_grads(x, g) -> {name: grad}``."""
+    return isinstance(m, FORMULA) or callable(getattr(m, "local_weight_grads", None))
+
+
 def _own(m: nn.Module) -> list[str]:
     return [k for k, p in m._parameters.items() if p is not None and p.requires_grad]
 
@@ -118,7 +123,7 @@ def primal(value: Any) -> Any:
 
 def save_inputs(m: nn.Module, args: tuple, kwargs: dict, rng: Tensor | None) -> Saved:
     """A :class:`Saved` record; formula layers keep only their input tensor."""
-    if isinstance(m, FORMULA):
+    if has_formula(m):
         return Saved(m, (primal(args[0]),), {}, None)
     return Saved(m, primal(args), primal(kwargs), rng)
 
@@ -175,13 +180,16 @@ def layer_weight_grads(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Ten
 def local_grads(saved: Saved, g: Tensor) -> dict[str, Tensor]:
     """Gradient of ``sum(g * unit(inputs))`` w.r.t. the unit's trained parameters (keys: names inside it).
 
-    :data:`FORMULA` layers use :func:`layer_weight_grads`; any other unit is re-run on its saved inputs with
+    :data:`FORMULA` layers use :func:`layer_weight_grads`, modules with ``local_weight_grads`` their own; any
+    other unit is re-run on its saved inputs with
     autograd on and differentiated by reverse mode *inside the unit only*; its buffers (batch-norm running
     statistics) are put back afterwards and its random-number state is the one it ran with.
     """
     m = saved.module
     if isinstance(m, FORMULA):
         return layer_weight_grads(m, saved.args[0], g)
+    if has_formula(m):
+        return m.local_weight_grads(saved.args[0], g)
     named = [(k, p) for k, p in m.named_parameters() if p.requires_grad]
     buffers = {k: b.clone() for k, b in m.named_buffers()}
     with torch.random.fork_rng(devices=[]), torch.enable_grad():
@@ -212,5 +220,6 @@ def accumulate_layer(module: nn.Module, grads: dict[str, Tensor]) -> None:
             give_grad(p, g)
 
 
-__all__ = ["FORMULA", "NORMS", "PERTURBABLE", "Saved", "accumulate_layer", "couples_examples", "give_grad", "layer_weight_grads",
-           "local_grads", "perturbable_layers", "perturbed_units", "primal", "save_inputs"]
+__all__ = ["FORMULA", "NORMS", "PERTURBABLE", "Saved", "accumulate_layer", "couples_examples", "give_grad",
+           "has_formula", "layer_weight_grads", "local_grads", "perturbable_layers", "perturbed_units", "primal",
+           "save_inputs"]

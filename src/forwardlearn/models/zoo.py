@@ -40,6 +40,10 @@ class PositionEmbedding(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return x + self.weight
 
+    def local_weight_grads(self, x: Tensor, g: Tensor) -> dict[str, Tensor]:
+        """Gradient of ``sum(g * self(x))`` by formula: ``sum_n g[n]``."""
+        return {"weight": g.sum(0)}
+
 
 class RowTransformer(nn.Module):
     """Rows of an image as tokens: ``Linear(C*W -> d_model)`` + position embedding, ``layers`` encoder

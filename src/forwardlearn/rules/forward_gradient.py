@@ -16,6 +16,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from ..blocks import BlockSpec, call_model, first_tensor, replace_first
 from ..forward_only.directions import Directions, accumulate_directions, draw_seeds, flat_view
 from ..forward_only.forward_mode import (
     BATCHED_LIMIT,
@@ -26,12 +27,11 @@ from ..forward_only.forward_mode import (
     math_attention,
     per_example_directional,
 )
-from ..blocks import BlockSpec, call_model, first_tensor, replace_first
 from ..forward_only.local import (
-    FORMULA,
     Saved,
     accumulate_layer,
     couples_examples,
+    has_formula,
     local_grads,
     perturbed_units,
     save_inputs,
@@ -252,8 +252,8 @@ class ActivityForwardGradient(Rule):
     CNN exactly its ``Linear``/``Conv2d`` layers, and the rule is then forward-only. When batch norm
     normalises with batch statistics (:func:`~forwardlearn.forward_only.local.couples_examples`), one
     example's tangent reaches every example's loss, so every example uses the batch's directional derivative
-    ``d = sum_n d_n`` instead of its own (unbiased again, at a higher variance). ``directions=K`` averages ``K`` independent passes (default 4,
-    tuned for ``digits``; the paper uses 1).
+    ``d = sum_n d_n`` instead of its own (unbiased again, at a higher variance). ``directions=K`` averages
+    ``K`` independent passes (default 4, tuned for ``digits``; the paper uses 1).
     """
 
     name: ClassVar[str] = "activity_forward_gradient"
@@ -279,15 +279,15 @@ class ActivityForwardGradient(Rule):
             saved: list[tuple[Saved, Tensor]] = []
             rngs: dict[int, Tensor] = {}
 
-            def hook(m: nn.Module, args: Any, kwargs: Any, out: Any, saved: list = saved) -> Any:
+            def hook(m: nn.Module, args: Any, kwargs: Any, out: Any, saved: list = saved, rngs: dict = rngs) -> Any:
                 primal, tan = fwAD.unpack_dual(first_tensor(out))
                 u = torch.randn(primal.shape, generator=gen, dtype=primal.dtype, device=primal.device)
                 saved.append((save_inputs(m, args, kwargs, rngs.pop(id(m), None)), u))
                 return replace_first(out, fwAD.make_dual(primal, u if tan is None else tan + u))
 
             handles = [m.register_forward_hook(hook, with_kwargs=True) for _, m in units]
-            handles += [m.register_forward_pre_hook(lambda m, a: rngs.__setitem__(id(m), torch.get_rng_state()))
-                        for _, m in units if not isinstance(m, FORMULA)]
+            handles += [m.register_forward_pre_hook(lambda m, a, r=rngs: r.__setitem__(id(m), torch.get_rng_state()))
+                        for _, m in units if not has_formula(m)]
             try:
                 with torch.no_grad(), fwAD.dual_level(), math_attention():
                     out = first_tensor(call_model(model, inputs))

@@ -11,10 +11,10 @@ from torch import Tensor, nn
 
 from ..blocks import BlockSpec, call_model, first_tensor, replace_first
 from ..forward_only.local import (
-    FORMULA,
     Saved,
     accumulate_layer,
     couples_examples,
+    has_formula,
     local_grads,
     perturbed_units,
     save_inputs,
@@ -139,7 +139,7 @@ class UnifiedLikelihoodRatio(Rule):
 
         handles = [m.register_forward_hook(hook, with_kwargs=True) for _, m in units]
         handles += [m.register_forward_pre_hook(lambda m, a: rngs.__setitem__(id(m), torch.get_rng_state()))
-                    for _, m in units if not isinstance(m, FORMULA)]
+                    for _, m in units if not has_formula(m)]
         try:
             if coupled:  # batch statistics: each noisy copy is its own batch, as in ordinary training
                 rows = []
