@@ -19,12 +19,13 @@ the network's output vector, ``e = N * dL/dy`` (for the default cross-entropy ex
 
 Any other feed-forward model (convolutional nets as in Dellaferrera & Kreiman 2022, Sec. 4.3 and
 Srinivasan et al. 2023, residual nets, transformers) takes the same two passes with forward hooks on its
-layers: every ``Linear``/``Conv2d``/``BatchNorm``/``LayerNorm`` (and any module with a
-``local_weight_grads(x, g)`` method) gets ``g_l = z_l - z_l^mod``, the difference of its *own output*
+layers: every ``Linear``/``Conv2d`` (and any module with a ``local_weight_grads(x, g)`` method) gets ``g_l = z_l - z_l^mod``, the difference of its *own output*
 between the two passes (before the activation, as the activation is not a layer one can hook in general),
 and the output layer ``g_L = e``; the update is the layer's local formula with its modulated input
-(:func:`~forwardlearn.forward_only.local.layer_weight_grads`). Parameters of other modules (the input
-projection of ``nn.MultiheadAttention``, say) are not trained by this rule and keep ``.grad = None``.
+(:func:`~forwardlearn.forward_only.local.layer_weight_grads`). Parameters of other modules are not trained
+by this rule and keep ``.grad = None``: normalisation layers stay at their initial scale and shift (their
+difference signal made training unstable in our runs), and attention's input projection, which
+``nn.MultiheadAttention`` applies without calling a submodule, stays at its initialisation.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..blocks import call_model, first_tensor
-from ..forward_only.local import FORMULA, accumulate_layer, has_formula, layer_weight_grads
+from ..forward_only.local import FORMULA, NORMS, accumulate_layer, has_formula, layer_weight_grads
 from .base import LossFn, Rule, accumulate_grad, check_finite, register
 from .forward_forward import mlp_blocks
 
@@ -234,10 +235,10 @@ class Pepita(Rule):
         return model
 
     def _units(self, model: nn.Module) -> list[nn.Module]:
-        units = [m for m in model.modules() if has_formula(m)
+        units = [m for m in model.modules() if has_formula(m) and not isinstance(m, NORMS)
                  and any(p.requires_grad for p in m.parameters(recurse=False))]
         if not units:
-            raise ValueError(f"pepita: {type(model).__name__} has no Linear, Conv2d or normalisation layer to train")
+            raise ValueError(f"pepita: {type(model).__name__} has no Linear or Conv2d layer to train")
         return units
 
     def _output_error(self, out: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
