@@ -17,14 +17,14 @@ No reverse-mode pass runs across the network. The only derivative taken is of th
 the network's output vector, ``e = N * dL/dy`` (for the default cross-entropy exactly
 ``softmax(y) - onehot``, the paper's softmax output error).
 
-Any other feed-forward model (convolutional nets as in Dellaferrera & Kreiman 2022, Sec. 4.3 and
-Srinivasan et al. 2023, residual nets, transformers) takes the same two passes with forward hooks on its
-layers: every ``Linear``/``Conv2d`` (and any module with a ``local_weight_grads(x, g)`` method) gets ``g_l = z_l - z_l^mod``, the difference of its *own output*
-between the two passes (before the activation, as the activation is not a layer one can hook in general),
-and the output layer ``g_L = e``; the update is the layer's local formula with its modulated input
-(:func:`~forwardlearn.forward_only.local.layer_weight_grads`). Parameters of other modules are not trained
-by this rule and keep ``.grad = None``: normalisation layers stay at their initial scale and shift (their
-difference signal made training unstable in our runs), and attention's input projection, which
+Any other feed-forward model (convolutional nets, which both papers also train; residual nets,
+transformers) takes the same two passes with forward hooks on its layers: every ``Linear``/``Conv2d`` (and
+any module with a ``local_weight_grads(x, g)`` method) gets ``g_l = z_l - z_l^mod``, the difference of its
+*own output* between the two passes (before the activation, as the activation is not a layer one can hook
+in general), and the output layer ``g_L = e``; the update is the layer's local formula with its modulated
+input (:func:`~forwardlearn.forward_only.local.layer_weight_grads`). Parameters of other modules are not
+trained by this rule and keep ``.grad = None``: normalisation layers stay at their initial scale and shift
+(their difference signal made training unstable in our runs), and attention's input projection, which
 ``nn.MultiheadAttention`` applies without calling a submodule, stays at its initialisation.
 """
 
