@@ -107,7 +107,7 @@ def run_table(rules: list[str], archs: list[str], seeds: list[int], log: Any = N
 
 def markdown(result: dict[str, Any], hardware_line: str, command: str) -> str:
     """The rule x architecture table: ``acc mean ± sd (time x backprop)`` per cell, or the reason."""
-    archs = list(result["models"])
+    archs = [a for a in MODELS if a in result["models"]]  # the table's column order, whatever order they ran in
     b = result["budget"]
     lines = [
         f"Digits (1437 train / 360 test), {b['epochs']} epochs, batch {b['batch_size']}, the same budget for every "
