@@ -146,8 +146,8 @@ def call_model(model: nn.Module, inputs: Any) -> Any:
 class Cuts:
     """Context manager: while active, every chosen block runs on a detached copy of its input.
 
-    ``cuts`` collects, in execution order, ``(block index, tensor)`` for each block input that required
-    grad: the end of the segment before that block, where a rule such as DFA can inject a signal.
+    ``cuts`` collects, in execution order, ``(block index, tensor)`` for each block input computed from trained
+    parameters: the end of the segment before that block, where a rule such as DFA can inject a signal.
     """
 
     def __init__(self, blocks: list[tuple[str, nn.Module]]) -> None:
@@ -161,7 +161,8 @@ class Cuts:
                 x, put = _block_input(args, kwargs)
                 if x is None or not x.requires_grad:
                     return None
-                self.cuts.append((j, x))
+                if x.grad_fn is not None:  # a leaf (the data) has nothing upstream to send a signal to
+                    self.cuts.append((j, x))
                 return put(x.detach())
 
             self._handles.append(m.register_forward_pre_hook(pre, with_kwargs=True))

@@ -56,7 +56,14 @@ def block_features(m: nn.Module) -> int | None:
         return m.self_attn.embed_dim
     config = getattr(m, "config", None)  # Hugging Face layers
     size = getattr(config, "hidden_size", None)
-    return size if isinstance(size, int) else None
+    if isinstance(size, int):
+        return size
+    for c in m.modules():  # any other block: the width its first layer takes
+        if isinstance(c, nn.MultiheadAttention):
+            return c.embed_dim
+        if c is not m and isinstance(c, (nn.Linear, nn.Conv2d)):
+            return block_features(c)
+    return None
 
 
 class LocalHeads(nn.Module):
