@@ -8,6 +8,7 @@ import copy
 
 import pytest
 import torch
+import torch._dynamo  # noqa: F401  (forward-mode AD imports it lazily; import it before anything is patched)
 import torch.nn.functional as F
 from torch import nn
 
@@ -148,12 +149,15 @@ def test_local_grads_equal_autograd_of_the_unit(make, training: bool) -> None:
 
 def test_layer_norm_is_perturbed_forward_only(monkeypatch) -> None:
     model = nn.Sequential(nn.Linear(4, 4), nn.LayerNorm(4), nn.Linear(4, 3))
-    def forbidden(*args, **kwargs):
-        raise AssertionError("reverse mode ran inside grads")
+    def forbid(what: str):
+        def forbidden(*args, **kwargs):
+            raise AssertionError(f"{what} ran inside grads")
 
-    monkeypatch.setattr(torch.autograd, "backward", forbidden)
-    monkeypatch.setattr(torch.autograd, "grad", forbidden)
-    monkeypatch.setattr(torch.Tensor, "backward", forbidden)
+        return forbidden
+
+    monkeypatch.setattr(torch.autograd, "backward", forbid("torch.autograd.backward"))
+    monkeypatch.setattr(torch.autograd, "grad", forbid("torch.autograd.grad"))
+    monkeypatch.setattr(torch.Tensor, "backward", forbid("Tensor.backward"))
     for name in ("activity_forward_gradient", "ulr"):
         model.zero_grad(set_to_none=True)
         fl.get_rule(name, seed=0).grads(model, torch.randn(3, 4), torch.tensor([0, 1, 2]))
