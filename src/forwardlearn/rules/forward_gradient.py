@@ -267,7 +267,7 @@ class ActivityForwardGradient(Rule):
     def __init__(self, directions: int = 4, blocks: BlockSpec = None, loss: LossFn | None = None,
                  seed: int | None = None) -> None:
         super().__init__(loss=loss, seed=seed)
-        self.directions = check_int(directions, "directions")
+        self.directions = check_int(directions, f"{self.name}: directions")
         self.blocks = blocks
 
     def grads(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
