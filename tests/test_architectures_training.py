@@ -3,8 +3,10 @@
 Each test is one cell of ``benchmarks/architectures.py`` (``forwardlearn.bench.architectures``: 3 epochs over
 the 1437 training digits, batch 64, the rule's benchmark settings) for seed 0. ``MEASURED`` holds the test
 accuracies that benchmark measured for seeds 0, 1, 2 (``benchmarks/results/architectures.json``); a test
-passes at ``chance + (lowest measured - chance) / 2``: half the measured margin over chance (10 %), so seed-0
-noise from another machine or thread count does not fail it while a rule that stopped learning does.
+runs seed 0 and passes at ``chance + (measured seed 0 - chance) / 2``: half its measured margin over chance
+(10 %), so numerical noise from another machine or thread count does not fail it while a rule that stopped
+learning does. Margins differ a lot by rule (the table shows them); ``fa`` on the transformer and
+``activity_forward_gradient`` on it are the weakest (seeds at 0.15 and 0.10).
 Cells measured at chance on every seed are ``xfail(strict=True)`` with the measurement: an open gap, not a hidden one.
 Runs above ~10 s are ``slow``; the fast stand-in for those checks that 20 steps on one batch of 64 lower
 that batch's loss.
@@ -39,16 +41,21 @@ MEASURED: dict[tuple[str, str], tuple[float, float, float]] = {
     ("sign_symmetry", "transformer"): (0.361, 0.433, 0.422),
     ("pfa", "transformer"): (0.372, 0.489, 0.372),
     ("dfa", "transformer"): (0.356, 0.375, 0.428),
+    ("zo_spsa", "transformer"): (0.325, 0.331, 0.408),
+    ("forward_gradient", "transformer"): (0.228, 0.311, 0.306),
+    ("activity_forward_gradient", "transformer"): (0.183, 0.153, 0.100),
+    ("local_forward_gradient", "transformer"): (0.369, 0.436, 0.342),
+    ("ulr", "transformer"): (0.303, 0.261, 0.258),
+    ("pepita", "transformer"): (0.233, 0.414, 0.364),
 }
 #: cells whose one seed takes well over 10 s on a shared 2-core machine
-SLOW = {("zo_spsa", "rescnn"), ("forward_gradient", "rescnn"), ("zo_spsa", "transformer"),
-        ("forward_gradient", "transformer"), ("ulr", "rescnn"), ("ulr", "transformer"),
-        ("activity_forward_gradient", "rescnn"), ("local_forward_gradient", "rescnn"),
-        ("local_forward_gradient", "transformer"), ("pepita", "rescnn")}
+SLOW = {("zo_spsa", "rescnn"), ("forward_gradient", "rescnn"), ("zo_spsa", "transformer"), ("ulr", "rescnn"),
+        ("ulr", "transformer"), ("activity_forward_gradient", "rescnn"), ("local_forward_gradient", "rescnn"),
+        ("pepita", "rescnn")}
 
 
 def _threshold(accs: tuple[float, ...]) -> float:
-    return CHANCE + (min(accs) - CHANCE) / 2
+    return CHANCE + (accs[0] - CHANCE) / 2
 
 
 def _cases() -> list:
@@ -71,9 +78,7 @@ def test_rule_trains_the_model_above_chance(rule: str, model: str, accs: tuple[f
 #: (rule, model): batch loss before and after 20 steps on one batch of 64, seeds 0, 1, 2 (measured)
 ONE_BATCH: dict[tuple[str, str], tuple[tuple[float, float], ...]] = {
     ("zo_spsa", "transformer"): ((2.494, 2.180), (2.398, 2.098), (2.391, 2.083)),
-    ("forward_gradient", "transformer"): ((2.494, 2.221), (2.398, 2.229), (2.391, 2.157)),
     ("ulr", "transformer"): ((2.494, 2.191), (2.398, 2.199), (2.391, 2.192)),
-    ("activity_forward_gradient", "transformer"): ((2.494, 2.230), (2.398, 2.308), (2.391, 2.234)),
     ("forward_gradient", "rescnn"): ((2.332, 2.190), (2.329, 2.184), (2.312, 2.180)),
 }
 
