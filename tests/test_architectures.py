@@ -222,3 +222,15 @@ def test_blocks_returning_tuples(name: str) -> None:
     where = ".embed." if name == "pepita" else ".layers.1."
     assert any(g is not None and bool(g.abs().sum() > 0) for n, g in trained if where in f".{n}")
     assert all(g is None or bool(g.isfinite().all()) for _, g in trained)
+
+
+def test_local_forward_gradient_gives_layers_before_the_first_block_a_head() -> None:
+    # as in a Hugging Face encoder: embeddings run before the first chosen layer and are trained on their own head
+    torch.manual_seed(0)
+    rule = fl.get_rule("local_forward_gradient", blocks=["layers.0", "layers.1", "head"], seed=0)
+    model = rule.attach(TupleNet())
+    assert len(model.heads) == 3
+    x, y = _batch(6)
+    rule.grads(model, x, y)
+    assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.net.embed.parameters())
+    assert all(p.grad is not None for p in model.heads.parameters())

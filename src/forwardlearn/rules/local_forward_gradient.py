@@ -136,6 +136,18 @@ class LocalForwardGradient(Rule):
         """Cut at chosen blocks (any model, or a ``Sequential`` with ``blocks=`` given) rather than layer by layer."""
         return not isinstance(model, nn.Sequential) or self.blocks is not None
 
+    @staticmethod
+    def _first_head(model: nn.Module, chosen: list[tuple[str, nn.Module]]) -> int:
+        """0 when trained layers run before the first chosen block (embeddings, say: its input then gets a
+        head too), else 1 (the first block reads the data)."""
+        inside = {id(c) for _, b in chosen for c in b.modules()}
+        for name, m in model.named_modules():
+            if name == chosen[0][0]:
+                return 1
+            if m is not model and id(m) not in inside and any(p.requires_grad for p in m.parameters(recurse=False)):
+                return 0
+        return 1
+
     def _attach_hooked(self, model: nn.Module) -> LocalHeads:
         chosen = select_blocks(model, self.blocks, self.name)
         linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
@@ -143,7 +155,7 @@ class LocalForwardGradient(Rule):
             raise ValueError(f"{self.name}: the model has no Linear layer to read the number of classes from")
         classes = linears[-1].out_features
         heads = nn.ModuleList()
-        for name, m in chosen[1:]:
+        for name, m in chosen[self._first_head(model, chosen):]:
             width = block_features(m)
             if width is None:
                 raise ValueError(f"{self.name}: no auxiliary head for the input of block {name!r} "
@@ -195,12 +207,13 @@ class LocalForwardGradient(Rule):
         chosen = select_blocks(model.net, self.blocks, self.name)
         net_params = trainable_parameters(model.net)
         y, cuts = cut_forward(model.net, inputs, chosen)
+        first = self._first_head(model.net, chosen)
         locals_: list[tuple[Tensor, list[nn.Parameter]]] = []
         for j, h in cuts:
-            if j == 0:
+            if j < first:
                 raise ValueError(f"{self.name}: trained parameters run before the first chosen block "
-                                 f"{chosen[0][0]!r}; choose blocks= that start at the input")
-            head = model.heads[j - 1]
+                                 f"{chosen[0][0]!r} but come after it in the model; choose blocks= that include them")
+            head = model.heads[j - first]
             locals_.append((self.loss(head(h), targets), trainable_parameters(head)))
         final = self.loss(y, targets)
         loss = check_finite(final.detach(), "loss")
