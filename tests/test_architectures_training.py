@@ -4,8 +4,8 @@ Each test is one cell of ``benchmarks/architectures.py`` (``forwardlearn.bench.a
 the 1437 training digits, batch 64, the rule's benchmark settings) for seed 0. ``MEASURED`` holds the test
 accuracies that benchmark measured for seeds 0, 1, 2 (``benchmarks/results/architectures.json``); a test
 runs seed 0 and passes at ``chance + (measured seed 0 - chance) / 2``: half its measured margin over chance
-(10 %), and at least 15 %, so numerical noise from another machine or thread count does not fail it while a rule that stopped
-learning does. Margins differ a lot by rule (the table shows them); ``fa`` on the transformer and
+(10 %), and at least 15 %, so numerical noise from another machine or thread count does not fail it while a
+rule that stopped learning does. Margins differ a lot by rule (the table shows them); ``fa`` on the transformer and
 ``activity_forward_gradient`` on it are the weakest (seeds at 0.15 and 0.10).
 Cells measured at chance on every seed are ``xfail(strict=True)`` with the measurement: an open gap, not a hidden one.
 Runs above ~10 s are ``slow``; the fast stand-in for those checks that 20 steps on one batch of 64 lower
