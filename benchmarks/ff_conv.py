@@ -29,9 +29,9 @@ def networks(shape: tuple[int, ...], classes: int, which: list[str]) -> dict[str
     c, h, _ = shape
     out: dict[str, torch.nn.Module] = {}
     if "cnn" in which:
-        out["cnn"] = fl.models.cnn(c, classes, input_size=h)
+        out["cnn"] = fl.models.cnn(c, classes=classes, input_size=h)
     if "resnet" in which:
-        out["resnet"] = fl.models.resnet(c, classes, widths=(16, 32, 64), depth=(1, 1, 1))
+        out["resnet"] = fl.models.resnet(c, (16, 32, 64), classes, depth=(1, 1, 1))
     return out
 
 

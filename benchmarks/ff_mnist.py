@@ -44,7 +44,7 @@ from pathlib import Path
 import torch
 
 import forwardlearn as fl
-from forwardlearn.train import Callback, Trainer, accuracy, make_optimizer, resolve_device
+from forwardlearn.training import Callback, Trainer, accuracy, make_optimizer, resolve_device
 
 
 class _Stop(Exception):
@@ -61,12 +61,12 @@ class _Monitor(Callback):
         Xt, yt = self.test
         t = time.perf_counter()
         rule.predict_by = "readout"
-        record["readout_test_error"] = 1 - accuracy(rule, model, Xt, yt)
+        record["readout_test_error"] = 1 - accuracy(model, rule, Xt, yt)
         rule.predict_by = "goodness"
         last = trainer.epoch == trainer.epochs
         over = (time.perf_counter() - self.t0) / 60 > self.args.max_minutes
         if last or over or trainer.epoch % self.args.eval_every == 0:
-            record["goodness_test_error"] = 1 - accuracy(rule, model, Xt, yt, batch_size=500)
+            record["goodness_test_error"] = 1 - accuracy(model, rule, Xt, yt, batch_size=500)
         record["test_eval_seconds"] = time.perf_counter() - t
         record["wall_minutes"] = (time.perf_counter() - self.t0) / 60
         print(json.dumps(record), flush=True)

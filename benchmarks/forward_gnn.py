@@ -21,7 +21,7 @@ import torch
 
 import forwardlearn as fl
 from forwardlearn.data.graphs import Graph, csbm, load_planetoid
-from forwardlearn.rules.forward_gnn import train_graph
+from forwardlearn.training import train_graph
 
 CSBM = {
     "csbm": {},  # 1000 nodes, 4 classes, homophily 0.8, feature signal 1

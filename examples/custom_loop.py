@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> float:
     opt = torch.optim.SGD(params, lr=args.lr, momentum=0.9)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=args.epochs)
 
-    quality = fl.diagnostics.gradient_alignment(rule, model, X[:256], y[:256], samples=4)
+    quality = fl.diagnostics.gradient_alignment(model, rule, X[:256], y[:256], samples=4)
     print(f"{args.rule}: cosine to the backprop gradient {quality['cosine']:.3f} "
           f"(mean of 4 estimates: {quality['mean_cosine']:.3f})")
 

@@ -54,7 +54,7 @@ def main() -> float:
     model = fl.models.mlp(64, [512], 10)
     hist = fl.train(model, rule, train=(X, y), test=(Xt, yt), optimizer="adam", lr=1e-2, epochs=10,
                     batch_size=64, progress=False)
-    quality = fl.diagnostics.gradient_alignment(rule, model, X[:256], y[:256])
+    quality = fl.diagnostics.gradient_alignment(model, rule, X[:256], y[:256])
     acc = hist.final["test_acc"]
     print(f"{rule.name}: test accuracy {acc:.3f} after 10 epochs; cosine to the full backprop gradient "
           f"{quality['cosine']:.3f} (the hidden layers get none of it)")

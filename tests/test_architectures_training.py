@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 import forwardlearn as fl
 from forwardlearn.bench.architectures import run_cell, setting
-from forwardlearn.train import make_optimizer
+from forwardlearn.training.optim import make_optimizer
 
 CHANCE = 0.10
 #: (rule, model): test accuracy of seeds 0, 1, 2 measured by benchmarks/architectures.py

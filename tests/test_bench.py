@@ -156,7 +156,7 @@ def _suite(tmp_path: Path) -> dict:
 
 
 def test_suite_run_writes_results_and_resumes_after_an_interruption(tmp_path, monkeypatch):
-    train_mod = sys.modules["forwardlearn.train"]  # the module (fl.train is the function)
+    train_mod = sys.modules["forwardlearn.training.loop"]  # the module of the loop (fl.train is the function)
 
     suite = _suite(tmp_path)
     ref = run_suite(suite, tmp_path / "ref", tmp_path / "ref-work", progress=False, log=lambda s: None)

@@ -19,7 +19,7 @@ def _problem():
 def test_backprop_is_perfectly_aligned_and_model_untouched():
     model, x, y = _problem()
     before = copy.deepcopy(model.state_dict())
-    out = fl.diagnostics.gradient_alignment(fl.get_rule("backprop"), model, x, y, samples=2)
+    out = fl.diagnostics.gradient_alignment(model, fl.get_rule("backprop"), x, y, samples=2)
     assert out["cosine"] == pytest.approx(1.0, abs=1e-6)
     assert out["norm_ratio"] == pytest.approx(1.0, abs=1e-6)
     assert out["mean_cosine"] == pytest.approx(1.0, abs=1e-6)
@@ -32,8 +32,8 @@ def test_backprop_is_perfectly_aligned_and_model_untouched():
 def test_mean_of_more_estimates_aligns_better():
     model, x, y = _problem()
     rule = fl.get_rule("forward_gradient", directions=1, seed=0)
-    few = fl.diagnostics.gradient_alignment(rule, model, x, y, samples=4)
-    many = fl.diagnostics.gradient_alignment(rule, model, x, y, samples=400)
+    few = fl.diagnostics.gradient_alignment(model, rule, x, y, samples=4)
+    many = fl.diagnostics.gradient_alignment(model, rule, x, y, samples=400)
     assert len(many["cosine_per_sample"]) == 400
     # 43 parameters: one estimate has cosine ~ 1/sqrt(43) = 0.15 on average; 400 estimates ~0.95
     assert many["mean_cosine"] > 0.85
@@ -46,14 +46,17 @@ def test_mean_of_more_estimates_aligns_better():
 def test_rules_that_wrap_the_model_are_compared_on_the_model_parameters():
     model, x, y = _problem()
     model = fl.models.mlp(4, [5, 6], 3, activation="tanh")
-    out = fl.diagnostics.gradient_alignment(fl.get_rule("local_forward_gradient", seed=0), model, x, y)
+    out = fl.diagnostics.gradient_alignment(model, fl.get_rule("local_forward_gradient", seed=0), x, y)
     assert set(out["per_parameter"]) == {f"net.{k}" for k, _ in model.named_parameters()}  # heads left out
-    # a projection of the true gradient: cosine = norm ratio (both measured on the model's parameters)
-    assert out["cosine"] > 0
+    # a projection of the true gradient on the local guess: cosine = |cos(guess, gradient)| = norm ratio.
+    # Measured 0.275 here, 0.20-0.86 (mean 0.57) over 20 seeded problems built this way; a random direction in
+    # these 82 parameters gives |cos| ~ sqrt(2 / (pi * 82)) = 0.09, so 0.2 fails if the local guesses stop
+    # tracking the gradient
+    assert out["cosine"] > 0.2
     assert out["cosine"] == pytest.approx(out["norm_ratio"], rel=1e-4)
 
 
 def test_samples_validated():
     model, x, y = _problem()
     with pytest.raises(ValueError, match="samples"):
-        fl.diagnostics.gradient_alignment(fl.get_rule("backprop"), model, x, y, samples=0)
+        fl.diagnostics.gradient_alignment(model, fl.get_rule("backprop"), x, y, samples=0)

@@ -150,11 +150,11 @@ def test_rule_without_seed_api_is_refused():
 
 
 def test_distributed_flag_outside_torchrun_is_a_clear_error(tmp_path, monkeypatch):
-    from forwardlearn.distributed.__main__ import main
+    from forwardlearn.cli import main
 
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     monkeypatch.delenv("RANK", raising=False)
-    assert main(COMMON + ["--out", str(tmp_path / "x")]) == 2
+    assert main(["train", *COMMON, "--out", str(tmp_path / "x")]) == 2
 
 
 # --- one torchrun launch for the multi-process checks ----------------------------------------------------
@@ -177,9 +177,10 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def test_two_ranks_equal_one_process_running_the_same_seeds_serially(launched):
-    from forwardlearn.distributed.__main__ import build_parser
+    from forwardlearn.cli import build_parser
 
-    args = build_parser().parse_args([a for a in COMMON if a != "--distributed"] + ["--out", str(launched / "x")])
+    args = build_parser().parse_args(["train", *[a for a in COMMON if a != "--distributed"], "--out",
+                                      str(launched / "x")])
     (X, y), test = fl.data.load("digits"), fl.data.load("digits", "test")
     torch.manual_seed(args.seed)
     rule = fl.get_rule("zo_spsa", seed=args.seed, directions=8)
@@ -198,7 +199,7 @@ def test_killed_rank_restarts_from_checkpoint_with_identical_weights(launched):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     state = torch.load(launched / "kill" / "checkpoint.pt", weights_only=True)
     normal = torch.load(launched / "normal" / "checkpoint.pt", weights_only=True)
-    assert state["global_step"] == normal["global_step"] == state["log_records"]  # no step lost or repeated
+    assert state["global_step"] == normal["global_step"] == state["strategy"]["log_records"]  # none lost or repeated
     from forwardlearn.distributed import replay
 
     model, steps = replay(launched / "kill" / "base.pt", launched / "kill" / "updates.log")
@@ -255,9 +256,14 @@ def _threads() -> int:
 def _worker(out: Path) -> None:
     import torch.distributed as dist
 
-    from forwardlearn.distributed import train_distributed
-    from forwardlearn.distributed.__main__ import build_parser, main
+    from forwardlearn.cli import build_parser
+    from forwardlearn.commands.train import run
     from forwardlearn.distributed.trainer import init_process_group
+
+    def main(argv: list[str]) -> int:
+        from forwardlearn.cli import main as cli_main
+
+        return cli_main(["train", *argv])
 
     threads_before = _threads()
     init_process_group("cpu")
@@ -279,9 +285,9 @@ def _worker(out: Path) -> None:
     for name, flag in (("nonfinite", "--inject-nonfinite=1:4"), ("desync", "--inject-desync=1:3")):
         if done(name):
             continue
-        args = build_parser().parse_args(COMMON + ["--out", str(out / name), flag])
+        args = build_parser().parse_args(["train", *COMMON, "--out", str(out / name), flag])
         try:
-            train_distributed(args)
+            run(args)
             msg = "no error"
         except ExchangeError as e:
             msg = str(e)

@@ -240,7 +240,7 @@ def test_options_are_validated():
     untied = fl.get_rule("ep", symmetric=False).attach(ConvergentNet(4, [3, 3], 2))
     assert not untied.symmetric and len(untied.feedback) == 1 and untied.jacobian_asymmetry() > 0
     with pytest.raises(ValueError, match="ConvergentNet"):
-        fl.get_rule("ep").attach(fl.models.cnn(1, 10, input_size=8))
+        fl.get_rule("ep").attach(fl.models.cnn(1, classes=10, input_size=8))
     with pytest.raises(ValueError, match="unknown activation"):
         ConvergentNet(4, [3], 2, activation="relu")
 
@@ -258,7 +258,7 @@ def test_custom_loss_and_gradient_alignment():
         p.grad = None
     rule.grads(net, x, y)
     assert _cos(_flat([p.grad for p in net.parameters()]), _flat(truth)) > 0.99  # O(beta^2) bias only
-    out = fl.diagnostics.gradient_alignment(fl.get_rule("ep", beta=1e-2, seed=0), net, x, y)
+    out = fl.diagnostics.gradient_alignment(net, fl.get_rule("ep", beta=1e-2, seed=0), x, y)
     assert out["cosine"] > 0.99
 
 

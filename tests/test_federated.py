@@ -96,8 +96,9 @@ def test_fedavg_uplinks_whole_models_and_learns(digits):
     clients, test, model = _setup(digits)
     res = fedavg(model, clients, test, rounds=5, lr=0.05)
     assert res.final["uplink_bytes_per_client"] == res.model_bytes + 16
-    # chance 0.10; five rounds of FedAvg with backprop reach about 0.5 on this seeded split
-    assert res.final["test_acc"] >= 0.3
+    # chance 0.10. Five rounds of FedAvg with backprop measure 0.725 on this seeded split, and 0.63-0.80
+    # (mean 0.71) over split/init seeds 0-4; 0.55 is below the lowest seed with room for rounding
+    assert res.final["test_acc"] >= 0.55
     assert all(t.numel() == p.numel() for t, p in zip(res.last_uplinks[0]["weights"], model.parameters()))
 
 

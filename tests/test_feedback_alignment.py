@@ -313,7 +313,7 @@ def test_dfa_matches_definition_and_is_layer_local():
 
 def test_dfa_on_cnn_feeds_the_pooled_block_outputs():
     torch.manual_seed(0)
-    net = fl.models.cnn(1, 10, input_size=8)
+    net = fl.models.cnn(1, classes=10, input_size=8)
     rule = fl.get_rule("dfa", seed=0)
     rule.attach(net)
     x, y = torch.rand(5, 1, 8, 8), torch.randint(0, 10, (5,))
@@ -353,7 +353,7 @@ def test_trains_mlp_and_cnn(name, opts, kind):
     torch.manual_seed(0)
     X, y = fl.data.load("digits", "train")
     X, y = X[:256], y[:256]
-    net = fl.models.mlp(64, [64], 10) if kind == "mlp" else fl.models.cnn(1, 10, input_size=8)
+    net = fl.models.mlp(64, [64], 10) if kind == "mlp" else fl.models.cnn(1, classes=10, input_size=8)
     rule = fl.get_rule(name, seed=0, **opts)
     rule.attach(net)
     opt = torch.optim.Adam(net.parameters(), lr=3e-3)
@@ -372,7 +372,7 @@ def test_trains_mlp_and_cnn(name, opts, kind):
     assert end < 0.75 * start, (start, end)
     # the hidden layers' updates have aligned with the true gradient (for fa/dfa the cosine starts near 0:
     # B is independent of W). Measured mean over hidden weights, seeds 0-2: 0.32-0.96; 0.2 leaves margin.
-    per = fl.diagnostics.gradient_alignment(rule, net, X, y)["per_parameter"]
+    per = fl.diagnostics.gradient_alignment(net, rule, X, y)["per_parameter"]
     out_name = f"{len(net) - 1}.weight"
     hidden = [v["cosine"] for k, v in per.items() if k.endswith("weight") and k != out_name and "feedback" not in k]
     assert sum(hidden) / len(hidden) > 0.2, hidden
@@ -482,7 +482,7 @@ def test_gradient_alignment_copy_does_not_take_over_rule_state():
     net = fl.models.mlp(6, [5], 3)
     rule = fl.get_rule("fa", seed=0)
     rule.attach(net)
-    res = fl.diagnostics.gradient_alignment(rule, net, torch.randn(8, 6), torch.randint(0, 3, (8,)))
+    res = fl.diagnostics.gradient_alignment(net, rule, torch.randn(8, 6), torch.randint(0, 3, (8,)))
     # the output layer's update is exact, the hidden layer's is not (fixed random feedback at init)
     assert res["per_parameter"]["3.weight"]["cosine"] == pytest.approx(1.0, abs=1e-5)
     assert abs(res["per_parameter"]["1.weight"]["cosine"]) < 0.99
@@ -572,7 +572,7 @@ def test_weight_alignment_values():
 
 def test_weight_alignment_on_cnn():
     torch.manual_seed(0)
-    net = fl.models.cnn(1, 10, input_size=8)
+    net = fl.models.cnn(1, classes=10, input_size=8)
     fl.get_rule("fa", seed=0).attach(net)
     wa = fl.diagnostics.weight_alignment(net)
     assert set(wa) == {"0", "3", "7", "9", "11"}

@@ -321,7 +321,7 @@ def test_bad_options_raise_value_error_naming_the_value(opts: dict, match: str) 
 
 def test_non_mlp_models_are_refused() -> None:
     with pytest.raises(ValueError, match="MLP"):
-        fl.get_rule("ff").attach(fl.models.cnn(1, 10, input_size=8))
+        fl.get_rule("ff").attach(fl.models.cnn(1, classes=10, input_size=8))
 
 
 def test_cff_gradient_uses_collective_probability() -> None:
@@ -359,8 +359,9 @@ def test_short_training_beats_chance_on_digits(digits) -> None:
                         (X[:600], y[:600]),
                         (Xt, yt), optimizer="adam", lr=0.01, epochs=8, batch_size=32, progress=False,
                         eval_train=False)
-        # chance is 0.10; 8 epochs on 600 images reach about 0.6-0.8 here, so 0.3 fails only if learning broke
-        assert hist.final["test_acc"] > 0.3, (name, hist.column("test_acc"))
+        # chance is 0.10. Measured with seeds 0-4 (torch and rule seed s): ff 0.62-0.74 (mean 0.68), cff
+        # 0.59-0.76 (mean 0.66); 0.5 sits below the lowest seed with room for other torch builds' rounding
+        assert hist.final["test_acc"] > 0.5, (name, hist.column("test_acc"))
 
 
 # --- activity sparsity ----------------------------------------------------------------------------
@@ -392,7 +393,7 @@ def test_activity_sparsity_on_models_and_through_the_rule() -> None:
     via_rule = fl.diagnostics.activity_sparsity(model, x, y, rule=rule)
     assert list(via_rule) == ["layer0", "layer1"]
     assert all(0 <= v["silent"] <= 1 and 0 <= v["hoyer"] <= 1 for v in via_rule.values())
-    cnn = fl.models.cnn(1, 10, input_size=8)
+    cnn = fl.models.cnn(1, classes=10, input_size=8)
     assert len(fl.diagnostics.activity_sparsity(cnn, x)) == 4  # two conv and two dense activations
     with pytest.raises(ValueError, match="tol"):
         fl.diagnostics.activity_sparsity(model, x, tol=1.5)

@@ -15,7 +15,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # every test here on one CPU
 
 
 def tiny_resnet(batch_norm: bool = True) -> fl.models.ResNet:
-    return fl.models.resnet(1, 10, widths=(4, 8), depth=(2, 1), batch_norm=batch_norm)
+    return fl.models.resnet(1, (4, 8), 10, depth=(2, 1), batch_norm=batch_norm)
 
 
 def batch(n: int = 16, seed: int = 0):
@@ -32,9 +32,9 @@ def test_resnet_shapes_and_validation():
     x = torch.rand(2, 4, 8, 8)
     torch.testing.assert_close(block(x), block.second_half(block.first_half(x), x))
     with pytest.raises(ValueError, match="same non-zero length"):
-        fl.models.resnet(1, 10, widths=(4, 8), depth=(1,))
+        fl.models.resnet(1, (4, 8), 10, depth=(1,))
     with pytest.raises(ValueError, match="positive"):
-        fl.models.resnet(1, 10, widths=(0,), depth=(1,))
+        fl.models.resnet(1, (0,), 10, depth=(1,))
 
 
 # --- pieces of the rule -----------------------------------------------------------------------------
@@ -57,7 +57,7 @@ def test_class_goodness_is_the_mean_square_per_channel():
 
 def test_units_of_cnn_and_resnet():
     rule = fl.get_rule("ff_conv", seed=0)
-    units = rule.units(fl.models.cnn(1, 10, input_size=8))
+    units = rule.units(fl.models.cnn(1, classes=10, input_size=8))
     assert [u.conv for u in units] == [True, True, False, False, False]
     assert [u.is_classifier for u in units] == [False] * 4 + [True]
     # ResNet with 3 blocks: stem + 3 blocks + head (block-local) or stem + 2 per block + head (layer-local)
@@ -69,7 +69,7 @@ def test_units_of_cnn_and_resnet():
 
 def test_attach_wraps_once_and_keeps_the_forward():
     rule = fl.get_rule("ff_conv", seed=0)
-    net = fl.models.cnn(1, 10, input_size=8)
+    net = fl.models.cnn(1, classes=10, input_size=8)
     model = rule.attach(net)
     assert isinstance(model, SFFNetwork) and model.net is net
     assert rule.attach(model) is model
@@ -87,7 +87,7 @@ def test_attach_wraps_once_and_keeps_the_forward():
 
 def test_first_unit_gets_exactly_its_local_gradient():
     rule = fl.get_rule("ff_conv", seed=0, margin=0.5)
-    model = rule.attach(fl.models.cnn(1, 10, input_size=8))
+    model = rule.attach(fl.models.cnn(1, classes=10, input_size=8))
     x, y = batch()
     rule.grads(model, x, y)
     conv, head = model.net[0], model.sff_heads[0]
@@ -150,7 +150,7 @@ def test_inputs_of_every_unit_are_detached():
 
 def test_local_loss_hook_touches_only_its_unit():
     rule = fl.get_rule("ff_conv", seed=0)
-    model = rule.attach(fl.models.cnn(1, 10, input_size=8))
+    model = rule.attach(fl.models.cnn(1, classes=10, input_size=8))
     x, y = batch()
     base = _grads(rule, model, x, y)
     rule.local_loss_hook = lambda k, loss: loss * 3.0 if k == 1 else loss
@@ -163,7 +163,7 @@ def test_local_loss_hook_touches_only_its_unit():
 def test_predict_averages_or_takes_the_last_unit():
     x, y = batch()
     torch.manual_seed(0)
-    net = fl.models.cnn(1, 10, input_size=8)
+    net = fl.models.cnn(1, classes=10, input_size=8)
     all_rule = fl.get_rule("ff_conv", seed=0, normalize=False)
     last_rule = fl.get_rule("ff_conv", seed=0, normalize=False, predict_from="last")
     model = all_rule.attach(net)
@@ -185,8 +185,8 @@ def test_options_are_validated():
             fl.get_rule("ff_conv", **bad)
 
 
-@pytest.mark.parametrize("make", [lambda: fl.models.cnn(1, 10, input_size=8),
-                                  lambda: fl.models.resnet(1, 10, widths=(8, 16), depth=(1, 1))], ids=["cnn", "resnet"])
+@pytest.mark.parametrize("make", [lambda: fl.models.cnn(1, classes=10, input_size=8),
+                                  lambda: fl.models.resnet(1, (8, 16), 10, depth=(1, 1))], ids=["cnn", "resnet"])
 def test_learns_digits_quickly(digits, make):
     (X, y), (Xt, yt) = digits
     torch.manual_seed(0)
@@ -214,7 +214,7 @@ def test_defaults_reach_090_on_digits(digits):
 def test_resnet_reaches_090_on_digits(digits, block_local):
     (X, y), (Xt, yt) = digits
     torch.manual_seed(0)
-    model = fl.models.resnet(1, 10, widths=(16, 32), depth=(1, 1))
+    model = fl.models.resnet(1, (16, 32), 10, depth=(1, 1))
     hist = fl.train(model, fl.get_rule("ff_conv", seed=0, block_local=block_local), (X, y), (Xt, yt), lr=2e-3,
                     epochs=10, batch_size=64, progress=False, eval_train=False)
     assert hist.final["test_acc"] >= 0.90

@@ -15,7 +15,7 @@ import forwardlearn as fl
 from forwardlearn.data.common import DataError
 from forwardlearn.data.graphs import IGNORE, Graph, csbm, load_planetoid, normalized_adjacency
 from forwardlearn.models.gnn import GNN, GraphConv
-from forwardlearn.rules.forward_gnn import train_graph
+from forwardlearn.training import train_graph
 
 VARIANTS = [{"variant": "sf"}, {"variant": "sf", "top_down": True}, {"variant": "ff"}]
 
@@ -151,7 +151,7 @@ def test_forward_gnn_learns_well_above_chance(graph, opts):
     if opts["variant"] == "ff":
         # 64-wide layers on unit-length inputs start with goodness far below the reference threshold 2.0,
         # which then needs hundreds of epochs (measured: 0.40 after 60, 0.76 after 150); 0.5 learns in 60
-        opts = {**opts, "theta": 0.5}
+        opts = {**opts, "threshold": 0.5}
     rule = fl.get_rule("forward_gnn", seed=0, **opts)
     model = rule.build_model(graph, [64, 64])
     hist = train_graph(model, rule, graph, lr=0.01, epochs=60, eval_every=60)
@@ -232,7 +232,7 @@ def test_ff_negatives_are_never_the_true_label(graph):
 
 
 def test_forward_gnn_checks_its_options_and_model(graph):
-    for bad in [{"variant": "bp"}, {"top_down": True, "variant": "ff"}, {"theta": float("nan")}, {"negatives": 0},
+    for bad in [{"variant": "bp"}, {"top_down": True, "variant": "ff"}, {"threshold": float("nan")}, {"negatives": 0},
                 {"temperature": 0.0}, {"unlabeled": "random"}, {"top_down": 1}]:
         with pytest.raises(ValueError):
             fl.get_rule("forward_gnn", **bad)

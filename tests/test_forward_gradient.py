@@ -329,7 +329,7 @@ def test_activity_forward_gradient_mean_converges_like_one_over_sqrt_n():
 
 def test_activity_forward_gradient_conv_model_is_unbiased():
     torch.manual_seed(0)
-    model = fl.models.cnn(1, 3, input_size=4, channels=(1,), hidden=(4,), kernel_size=3).double()
+    model = fl.models.cnn(1, (4,), 3, input_size=4, channels=(1,), kernel_size=3).double()
     x, y = torch.rand(2, 1, 4, 4, dtype=torch.float64), torch.randint(0, 3, (2,))
     g = _true_grad(model, x, y)
     fl.get_rule("activity_forward_gradient", directions=1000, seed=0).grads(model, x, y)
@@ -427,7 +427,7 @@ def test_local_forward_gradient_on_the_library_cnn():
     """Conv blocks get a pooled auxiliary head, also when the block ends by flattening its output."""
     torch.manual_seed(0)
     rule = fl.get_rule("local_forward_gradient", seed=0)
-    model = rule.attach(fl.models.cnn(1, 10, input_size=12))
+    model = rule.attach(fl.models.cnn(1, classes=10, input_size=12))
     x, y = torch.rand(8, 1, 12, 12), torch.randint(0, 10, (8,))
     loss = rule.grads(model, x, y)
     assert math.isfinite(loss)

@@ -154,7 +154,9 @@ def test_brute_force_on_a_known_game():
 
 def test_permutation_estimator_converges_on_a_harsanyi_net():
     torch.manual_seed(7)
-    model = HarsanyiNet(8, 2, hidden=20, act_ratio=0.3).double()
+    # act_ratio=0.5: at 0.3 this net's game is additive (every ordering gives the exact values, error ~1e-17),
+    # which would leave nothing to converge
+    model = HarsanyiNet(8, 2, hidden=20, act_ratio=0.5).double()
     x = torch.rand(8, dtype=torch.float64)
     with torch.no_grad():
         phi = model.shapley(x[None], target=1)
@@ -163,8 +165,11 @@ def test_permutation_estimator_converges_on_a_harsanyi_net():
     few = permutation_shapley(game, 8, 4, generator=g)
     many = permutation_shapley(game, 8, 2000, generator=g)
     err_few, err_many = float((few - phi[0]).norm()), float((many - phi[0]).norm())
-    # the error falls like 1/sqrt(permutations): 500x more orderings should cut it by ~22x; ask for 3x
-    assert err_many < err_few / 3 or err_few < 1e-12
+    assert err_few > 1e-2  # the game has interactions: few orderings do err (measured 0.091)
+    # The error falls like 1/sqrt(permutations): 500x more orderings cut it by ~22x. Measured: this seeded case
+    # 19.5x; over 30 (net seed 7-9, ordering seed 1-10) cases median 22.7x, 10th percentile 14.6x, min 5.5x.
+    # 10x fails an estimator converging like n^-1/4 (4.7x) or not at all
+    assert err_many < err_few / 10
 
 
 def test_invalid_arguments_raise_value_error():

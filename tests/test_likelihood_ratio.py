@@ -83,7 +83,7 @@ def test_ulr_variance_reduction_helps():
 
 def test_ulr_runs_a_conv_model_and_predicts_without_noise():
     torch.manual_seed(0)
-    model = fl.models.cnn(1, 3, input_size=8, channels=(2,), hidden=(6,), kernel_size=3)
+    model = fl.models.cnn(1, (6,), 3, input_size=8, channels=(2,), kernel_size=3)
     x, y = torch.rand(5, 1, 8, 8), torch.randint(0, 3, (5,))
     rule = fl.get_rule("ulr", directions=4, seed=0)
     loss = rule.grads(model, x, y)

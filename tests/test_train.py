@@ -12,7 +12,7 @@ import torch
 
 import forwardlearn as fl
 from forwardlearn.cli import main
-from forwardlearn.train import CHECKPOINT, METRICS, NonFiniteError, Trainer, make_optimizer
+from forwardlearn.training import CHECKPOINT, METRICS, NonFiniteError, Trainer, make_optimizer
 
 
 def _trainer(out_dir, epochs, seed=0):

@@ -8,9 +8,9 @@ A learning rule fills ``.grad``; ``torch.optim`` does the rest::
     history = fl.train(model, rule, train=fl.data.load("digits"), test=fl.data.load("digits", "test"))
 """
 
-from . import data, diagnostics, models, physical, rules
+from . import data, diagnostics, models, physical, rules, training
 from .rules import Rule, available_rules, get_rule, register
-from .train import Callback, History, NonFiniteError, Trainer, train
+from .training import Callback, History, NonFiniteError, Trainer, train
 
 __version__ = "0.1.0"
 
@@ -29,4 +29,5 @@ __all__ = [
     "register",
     "rules",
     "train",
+    "training",
 ]

@@ -57,7 +57,7 @@ def _bad(where: str, key: str, value: Any, want: str) -> ValueError:
 
 
 def _check_run(spec: dict[str, Any], where: str) -> dict[str, Any]:
-    from ..rules import get_rule
+    from ..rules import build_rule
 
     unknown = sorted(set(spec) - RUN_KEYS)
     if unknown:
@@ -102,7 +102,7 @@ def _check_run(spec: dict[str, Any], where: str) -> dict[str, Any]:
         info(spec["data"])
     except Exception as e:  # noqa: BLE001 - the data module's own error names the valid sets
         raise ValueError(f"{where}: {e}") from None
-    get_rule(spec["rule"], seed=0, **spec.get("options", {}))  # unknown rule / option / value -> ValueError
+    build_rule(spec["rule"], 0, spec.get("options", {}), f"{where}: options")  # unknown rule/option/value, seed
     return spec
 
 
@@ -166,7 +166,7 @@ def load_suite(source: str | Path) -> dict[str, Any]:
             spec = {"model": d.get("model", "mlp"), "hidden": d.get("hidden"), "optimizer": d.get("optimizer", "adam"),
                     "lr": d.get("lr", 1e-3), "epochs": d.get("epochs", 10), "batch_size": d.get("batch_size", 64),
                     "seed": 0, "activation": "relu"}
-            if cls.default_model.__func__ is not _base_default_model():  # the rule builds its own model
+            if own_model(cls):
                 spec["model"] = "default"
             spec.update(defaults)
             spec.update({k: v for k, v in entry.items() if k != "rule"})
@@ -190,22 +190,11 @@ def load_suite(source: str | Path) -> dict[str, Any]:
     return {"name": name, "description": raw.get("description", ""), "path": path, "runs": out, "skipped": skipped}
 
 
-def _base_default_model() -> Any:
-    from ..rules.base import Rule
-
-    return Rule.default_model.__func__
-
-
-def build_model(spec: dict[str, Any], shape: tuple[int, ...], classes: int) -> Any:
-    from ..models import build
-    from ..rules import rule_class
-
-    if spec["model"] == "default":  # the rule's own model (its initialisation, say), with the run's widths
-        cls = rule_class(spec["rule"])
-        if spec.get("hidden") is not None and list(spec["hidden"]) != list(cls.defaults.get("hidden") or []):
-            cls = type(cls.__name__, (cls,), {"defaults": {**cls.defaults, "hidden": list(spec["hidden"])}})
-        return cls.default_model(shape, classes)
-    return build(spec["model"], shape, classes, spec.get("hidden"), spec.get("activation", "relu"))
+def own_model(cls: Any) -> bool:
+    """Whether a rule's model spec is more than ``mlp``/``cnn`` with widths (a model kind or an
+    initialisation of its own): the suite then trains the rule's default model."""
+    spec = cls.model_spec()
+    return spec["name"] not in ("mlp", "cnn") or bool(set(spec) - {"name", "hidden"})
 
 
 def _training_keys(spec: dict[str, Any]) -> dict[str, Any]:
@@ -227,10 +216,7 @@ def _stored_history(run_dir: Path) -> list[dict[str, float]]:
 def train_run(spec: dict[str, Any], run_dir: Path, data: tuple[Any, Any], shape: tuple[int, ...], classes: int,
               device: Any, progress: bool, eval_threads: int | None = None) -> list[dict[str, float]]:
     """Train one run into ``run_dir`` (resuming from its checkpoint); returns the per-epoch history."""
-    import torch
-
-    from ..rules import get_rule, trainable_parameters
-    from ..train import Trainer, make_optimizer
+    from ..training.run import build_run
 
     run_dir.mkdir(parents=True, exist_ok=True)
     spec_path = run_dir / "spec.json"
@@ -241,13 +227,8 @@ def train_run(spec: dict[str, Any], run_dir: Path, data: tuple[Any, Any], shape:
                              "a new id")
     else:
         spec_path.write_text(json.dumps(spec, indent=1) + "\n")
-    torch.manual_seed(spec["seed"])
-    rule = get_rule(spec["rule"], seed=spec["seed"], **spec["options"])
-    model = rule.attach(build_model(spec, shape, classes).to(device))
-    opt = make_optimizer(spec["optimizer"], trainable_parameters(model), spec["lr"])
-    trainer = Trainer(model, rule, opt, epochs=spec["epochs"], batch_size=spec["batch_size"], seed=spec["seed"],
-                      out_dir=run_dir, progress=progress, device=device, config=spec, eval_train=False,
-                      eval_threads=eval_threads)
+    run = build_run({**spec, "shape": list(shape), "classes": classes}, device=device, load_data=False)
+    trainer = run.trainer(out_dir=run_dir, progress=progress, eval_train=False, eval_threads=eval_threads)
     (train, test) = data
     trainer.fit(train, test, resume=True)
     return trainer.history.epochs
@@ -264,7 +245,7 @@ def run_suite(suite: dict[str, Any], results: Path, work: Path, *, device: str =
     import torch
 
     from .. import data as fldata
-    from ..train import resolve_device
+    from ..training import resolve_device
     from .report import accuracy_markdown, plot_time_to_accuracy, write_json
 
     if threads is not None:
@@ -275,6 +256,7 @@ def run_suite(suite: dict[str, Any], results: Path, work: Path, *, device: str =
     chosen = [s for s in runs if not only or s["rule"] in only or s["id"] in only]
     if not chosen:
         raise ValueError(f"no run of suite {suite['name']!r} matches {', '.join(only or [])}")
+    results.mkdir(parents=True, exist_ok=True)  # an unusable results directory fails now, not after training
     cache: dict[str, Any] = {}
     out: dict[str, Any] = {"meta": meta or {}, "suite": {k: suite[k] for k in ("name", "description", "path")},
                            "runs": [], "plots": {}, "skipped": list(suite.get("skipped", []))}

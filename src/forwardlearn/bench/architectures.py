@@ -19,7 +19,7 @@ import torch
 from .. import models
 from ..data import load
 from ..rules import get_rule, rule_class
-from ..train import train
+from ..training import train
 
 #: the architectures, as ``forwardlearn.models.build`` names (the MLP: one hidden layer of 64)
 MODELS: dict[str, dict[str, Any]] = {

@@ -158,12 +158,11 @@ def prepare(job: Job, device: torch.device | str = "cpu") -> tuple[Callable[[], 
     rule = get_rule(job.rule, seed=job.seed)
     model = rule.attach(model)
     if job.kind == "fused":
-        fused = getattr(rule, "fused_step", None)
-        if fused is None:
+        if not rule.supports_fused:
             raise ValueError(f"rule {job.rule!r} has no fused_step")
 
         def fused_step() -> float:
-            return fused(model, x, y, job.lr)
+            return rule.fused_step(model, x, y, job.lr)
         return fused_step, model, rule
     opt = torch.optim.SGD(trainable_parameters(model), lr=job.lr)
 
@@ -310,7 +309,7 @@ def jobs_for(arch: Arch, rules: Sequence[str], cfg: CostConfig) -> tuple[list[Jo
             skipped.append({"rule": name, "why": f"needs {cls.data_kind} data, not a batch of {arch.label} inputs"})
             continue
         jobs.append(Job(kind="rule", rule=name, **common))
-        if callable(getattr(cls, "fused_step", None)):
+        if cls.supports_fused:
             jobs.append(Job(kind="fused", rule=name, **common))
     return jobs, skipped
 
@@ -376,7 +375,7 @@ def bench_arch(arch: Arch, rules: Sequence[str], cfg: CostConfig, progress: bool
             if job.kind == "rule" and cfg.cosine:
                 from ..rules import get_rule
 
-                al = gradient_alignment(get_rule(job.rule, seed=cfg.seed + 1), init_model, x, y,
+                al = gradient_alignment(init_model, get_rule(job.rule, seed=cfg.seed + 1), x, y,
                                         samples=cfg.samples, names=False)
                 row.update({"cosine": al["cosine"], "mean_cosine": al["mean_cosine"], "samples": cfg.samples,
                             "norm_ratio": al["norm_ratio"]})

@@ -120,11 +120,11 @@ def train_step_peak(
 
     Meant to run inside :func:`peak_memory`; the second of two steps is the steady state, so both run.
     """
-    from ..rules import get_rule, trainable_parameters
-    from ..train import make_optimizer
+    from ..rules import build_rule, trainable_parameters
+    from ..training import make_optimizer
 
     torch.manual_seed(seed)
-    rule = get_rule(rule_name, seed=seed, **options)
+    rule = build_rule(rule_name, seed, options)
     model = rule.attach(type(rule).default_model(shape, classes))
     opt = make_optimizer(optimizer, trainable_parameters(model), lr)
     x, y = _batch(shape, classes, batch_size, seed)
@@ -137,10 +137,10 @@ def train_step_peak(
 def inference_peak(rule_name: str, options: dict[str, Any], shape: tuple[int, ...], classes: int,
                    batch_size: int, seed: int = 0) -> None:
     """Build the rule's default model and run ``rule.predict`` once without gradients."""
-    from ..rules import get_rule
+    from ..rules import build_rule
 
     torch.manual_seed(seed)
-    rule = get_rule(rule_name, seed=seed, **options)
+    rule = build_rule(rule_name, seed, options)
     model = rule.attach(type(rule).default_model(shape, classes))
     x, _ = _batch(shape, classes, batch_size, seed)
     with torch.no_grad():

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import ast
-from pathlib import Path
 from typing import Any
 
 
@@ -21,13 +20,21 @@ def parse_hidden(text: str | None) -> list[int] | None:
     return widths
 
 
-def parse_options(items: list[str] | None) -> dict[str, Any]:
-    """``["directions=4", "eps=1e-3", "variant=usf"]`` -> a dict, values read as Python literals when they are."""
+#: rule keywords that a verb sets from its own flag; in ``--opt`` they would reach the rule twice
+RESERVED_OPTIONS: dict[str, str] = {"seed": "--seed"}
+
+
+def parse_options(items: list[str] | None, reserved: dict[str, str] = RESERVED_OPTIONS) -> dict[str, Any]:
+    """``["directions=4", "eps=1e-3", "variant=usf"]`` -> a dict, values read as Python literals when they are.
+
+    A key of ``reserved`` (keyword -> the flag that sets it) raises ``ValueError`` naming that flag."""
     out: dict[str, Any] = {}
     for item in items or []:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ValueError(f"--opt takes KEY=VALUE, got {item!r}")
+        if key in reserved:
+            raise ValueError(f"--opt {item}: {key!r} is set by {reserved[key]}, not by --opt")
         try:
             out[key] = ast.literal_eval(value)
         except (ValueError, SyntaxError):
@@ -56,44 +63,3 @@ def add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument("--threads", type=positive(int, "--threads"), default=None,
                    help="torch CPU threads (compare: default 1)")
-
-
-def run_directory(args: argparse.Namespace, resume: bool) -> Path:
-    """``--out`` (default ``runs/<rule>-<data>``); refuses to overwrite a run unless resuming."""
-    out = Path(args.out or f"runs/{args.rule}-{args.data}")
-    if (out / "checkpoint.pt").exists() and not resume:
-        raise ValueError(f"{out} already holds a checkpoint; pass --resume to continue it or choose another --out")
-    return out
-
-
-def check_resume(out: Path, cfg: dict[str, Any], keys: tuple[str, ...]) -> None:
-    """Refuse to resume ``out`` when one of ``keys`` of ``cfg`` differs from the setting its checkpoint was
-    trained with (more ``epochs`` is fine: that is what resuming is for)."""
-    import torch
-
-    path = out / "checkpoint.pt"
-    if not path.exists():
-        return
-    old = torch.load(path, map_location="cpu", weights_only=True).get("config", {})
-    changed = [k for k in keys if k in old and old[k] != cfg[k]]
-    if changed:
-        raise ValueError(f"resuming {out} with settings that differ from its checkpoint: {', '.join(changed)}")
-
-
-RESUME_KEYS = ("rule", "data", "model", "hidden", "activation", "batch_size", "optimizer", "lr", "seed")
-
-
-def training_config(args: argparse.Namespace, defaults: dict[str, Any], hidden: list[int] | None) -> dict[str, Any]:
-    """The settings of a training run: command-line values, else the rule's documented defaults."""
-    return {
-        "rule": args.rule,
-        "data": args.data,
-        "model": args.model or defaults.get("model", "mlp"),
-        "hidden": hidden if hidden is not None else list(defaults.get("hidden") or []),
-        "activation": args.activation,
-        "epochs": args.epochs or defaults["epochs"],
-        "batch_size": args.batch_size or defaults["batch_size"],
-        "lr": args.lr or defaults["lr"],
-        "optimizer": args.optimizer or defaults["optimizer"],
-        "seed": args.seed,
-    }

@@ -122,7 +122,7 @@ def _rules(spec: str) -> list[str]:
 def _cost(args: argparse.Namespace) -> int:
     from ..bench.cost import Arch, CostConfig, run_cost, sweep_archs
     from ..bench.report import run_meta
-    from ..train import resolve_device
+    from ..training import resolve_device
 
     device = str(resolve_device(args.device))
     models = [m.strip() for m in args.models.split(",") if m.strip()]
@@ -154,7 +154,7 @@ def _cost(args: argparse.Namespace) -> int:
 def _accuracy(args: argparse.Namespace) -> int:
     from ..bench.accuracy import load_suite, run_suite
     from ..bench.report import run_meta
-    from ..train import resolve_device
+    from ..training import resolve_device
 
     suite = load_suite("quick" if args.quick else args.suite)
     if args.list:

@@ -107,7 +107,8 @@ def run(args: argparse.Namespace) -> int:
     from ..bench.memory import peak_memory, train_step_peak
     from ..diagnostics import gradient_alignment
     from ..rules import get_rule, rule_class
-    from ..train import resolve_device, train
+    from ..training import resolve_device
+    from ..training.run import build_run, run_config
 
     torch.set_num_threads(args.threads or 1)  # small models: one thread is fastest and least disturbed by load
     names = select_rules(args.rules)
@@ -127,19 +128,15 @@ def run(args: argparse.Namespace) -> int:
         d = dict(cls.defaults)
         epochs = args.epochs or d["epochs"]
         try:
-            torch.manual_seed(args.seed)
-            rule = get_rule(name, seed=args.seed)
-            model = cls.default_model(spec.shape, spec.classes)
-            init = {k: v.clone() for k, v in model.state_dict().items()}
-            hist = train(model, rule, (Xtr, ytr), (Xte, yte), optimizer=d["optimizer"], lr=d["lr"], epochs=epochs,
-                         batch_size=d["batch_size"], seed=args.seed, progress=not args.quiet, device=device,
-                         eval_train=False)
+            cfg = run_config(name, args.data, model="default", epochs=epochs, seed=args.seed)
+            r = build_run(cfg, device=device, load_data=False, keep_initial=True)
+            hist = r.trainer(progress=not args.quiet, eval_train=False).fit((Xtr, ytr), (Xte, yte))
             # gradient quality at initialisation, against the exact gradient of the rule's loss
             probe = cls.default_model(spec.shape, spec.classes).to(device)
-            probe.load_state_dict(init, strict=False)
+            probe.load_state_dict(r.initial_state, strict=False)
             n = min(args.cosine_batch, len(Xtr))
             try:
-                cos = gradient_alignment(get_rule(name, seed=args.seed + 1), probe, Xtr[:n].to(device),
+                cos = gradient_alignment(probe, get_rule(name, seed=args.seed + 1), Xtr[:n].to(device),
                                          ytr[:n].to(device), samples=1, names=False)["cosine"]
             except RuntimeError as e:  # no exact gradient to compare with (a black-box layer, say)
                 cos = None

@@ -56,18 +56,18 @@ def _feature_names(name: str, n: int) -> list[str]:
 
 
 def _load_checkpoint(path: Path, device: Any) -> tuple[Any, dict[str, Any]]:
-    import torch
 
     from ..models.harsanyi import HarsanyiNet
+    from ..training.checkpoint import load_checkpoint
 
     if not path.exists():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    state = load_checkpoint(path, ("config", "model"), map_location=device)
     try:
-        state = torch.load(path, map_location=device, weights_only=True)
         model = HarsanyiNet.from_config(state["config"])
         model.load_state_dict(state["model"])
-    except (KeyError, TypeError, RuntimeError) as e:
-        raise ValueError(f"{path}: not a HarsanyiNet checkpoint ({e})") from e
+    except Exception as e:  # noqa: BLE001 - a checkpoint of another model: say which file
+        raise ValueError(f"{path}: not a HarsanyiNet checkpoint ({type(e).__name__}: {e})") from None
     return model.to(device), state
 
 
@@ -77,7 +77,7 @@ def run(args: argparse.Namespace) -> int:
     from .. import data as fldata
     from ..models.harsanyi import HarsanyiNet
     from ..rules import get_rule
-    from ..train import accuracy, resolve_device, train
+    from ..training import accuracy, resolve_device, train
 
     spec = fldata.info(args.data)
     form = "mlp" if len(spec.shape) == 1 else "cnn"
@@ -115,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
         torch.save({"config": model.config, "model": model.state_dict(), "data": args.data},
                    out / CHECKPOINT)
     model.eval()
-    test_acc = accuracy(rule, model, Xte.to(device), yte.to(device))
+    test_acc = accuracy(model, rule, Xte.to(device), yte.to(device))
 
     idx = args.indices if args.indices is not None else list(range(min(args.samples, len(Xte))))
     bad = [i for i in idx if not 0 <= i < len(Xte)]

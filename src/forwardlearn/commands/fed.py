@@ -44,19 +44,25 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import data, models
     from ..distributed.federated import baffle, dirichlet_split, fedavg
-    from ..rules import get_rule, rule_class
+    from ..rules import SeedScalarRule, build_rule, rule_class
+    from ..training.run import check_data_kind
 
     torch.set_num_threads(args.threads)
     spec = data.info(args.data)
     hidden = parse_hidden(args.hidden)
     cls = rule_class(args.rule)
-    if not (hasattr(cls, "estimate") and hasattr(cls, "apply")):
+    if not issubclass(cls, SeedScalarRule):
         raise ValueError(f"rule {args.rule!r} has no seed-and-scalar API (estimate/apply); "
                          "BAFFLE needs one: zo_spsa or forward_gradient")
-    options = {"directions": args.directions, **parse_options(args.opt)}
+    check_data_kind(cls, args.data)
+    reserved = {"seed": "--seed", "directions": "--directions"}
+    options = {"directions": args.directions, **parse_options(args.opt, reserved)}
     if args.rule == "zo_spsa":
         options.setdefault("difference", "forward")
-    rule = get_rule(args.rule, seed=args.seed, **options)
+    rule = build_rule(args.rule, args.seed, options, "--opt")
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)  # before training: an unusable --out fails now, not after it
     X, y = data.load(args.data, "train", root=args.data_dir)
     test = data.load(args.data, "test", root=args.data_dir)
     shards = dirichlet_split(y, args.clients, args.alpha, seed=args.seed)
@@ -92,9 +98,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"{r.method:>7}: final test acc {r.final['test_acc']:.4f} after {len(r.rounds)} rounds; "
               f"uplink per client {up[-1]:.0f} B/round, {sum(up):.0f} B in all; "
               f"downlink {r.final['downlink_bytes_per_client']:.0f} B/round per client")
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
+    if out is not None:
         payload = {"config": {k: v for k, v in vars(args).items() if not k.startswith("_")},
                    "shard_sizes": sizes, "shard_classes": classes,
                    "results": {r.method: {"model_bytes": r.model_bytes, "rounds": r.rounds} for r in results}}

@@ -23,6 +23,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..distributed.replay import read_header, record_size, replay
+    from ..training.checkpoint import atomic_save, load_checkpoint
 
     for path in (args.base, args.log):
         if not Path(path).exists():
@@ -30,21 +31,24 @@ def run(args: argparse.Namespace) -> int:
     if args.steps is not None and args.steps < 0:
         raise ValueError(f"--steps must be >= 0, got {args.steps}")
     header, _ = read_header(args.log)
+    ref = None
+    if args.check:  # read before replaying, so that a bad reference leaves no weights file behind
+        ref = load_checkpoint(args.check, keys=())
+        ref = ref.get("model", ref)
     model, steps = replay(args.base, args.log, args.steps)
     state = model.state_dict()
-    out = Path(args.out or f"{args.log}.weights.pt")
-    torch.save(state, out)
-    per_step = record_size(int(header["directions_per_step"]))
-    ckpt_bytes = sum(t.numel() * t.element_size() for t in state.values())
-    print(f"replayed {steps} steps of {header['rule']} ({header['directions_per_step']} directions/step, "
-          f"{header['world_size']} rank(s)) -> {out}")
-    print(f"update log: {per_step} B/step ({os.path.getsize(args.log)} B in all); "
-          f"model weights: {ckpt_bytes} B ({ckpt_bytes / per_step:.0f}x one step's record)")
-    if args.check:
-        ref = torch.load(args.check, map_location="cpu", weights_only=True)
-        ref = ref.get("model", ref)
+    if ref is not None:  # compared before anything is written: a failed check leaves no weights file
         bad = [k for k in state if k not in ref or not torch.equal(state[k], ref[k])]
         if bad or set(ref) != set(state):
             raise RuntimeError(f"replayed weights differ from {args.check} in {', '.join(bad) or 'the key set'}")
+    out = Path(args.out or f"{args.log}.weights.pt")
+    atomic_save(state, out)
+    per_step = record_size(int(header["directions_per_step"]))
+    ckpt_bytes = sum(t.numel() * t.element_size() for t in state.values())
+    print(f"replayed {steps} steps of {header.get('rule')} ({header['directions_per_step']} directions/step, "
+          f"{header.get('world_size')} rank(s)) -> {out}")
+    print(f"update log: {per_step} B/step ({os.path.getsize(args.log)} B in all); "
+          f"model weights: {ckpt_bytes} B ({ckpt_bytes / per_step:.0f}x one step's record)")
+    if ref is not None:
         print(f"bit-identical to {args.check}")
     return 0

@@ -32,10 +32,6 @@ class DatasetInfo:
             n *= s
         return n
 
-    @property
-    def is_image(self) -> bool:
-        return len(self.shape) == 3
-
 
 def sha256(path: Path) -> str:
     h = hashlib.sha256()

@@ -8,7 +8,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..rules.base import Rule, trainable_parameters
+from ..data.batches import Inputs, call_model, logits_of
+from ..rules.base import Rule, model_first, trainable_parameters
 
 
 def _flat(ts: list[Tensor]) -> Tensor:
@@ -26,18 +27,19 @@ def _grads_of(params: list[nn.Parameter]) -> list[Tensor]:
     return [p.grad.detach().clone() if p.grad is not None else torch.zeros_like(p) for p in params]
 
 
-def true_gradient(rule: Rule, model: nn.Module, inputs: Tensor, targets: Tensor) -> list[Tensor]:
+def true_gradient(model: nn.Module, rule: Rule, inputs: Inputs, targets: Tensor) -> list[Tensor]:
     """The exact gradient of ``rule.loss(model(inputs), targets)`` for every trainable parameter."""
+    model_first(model, rule, "true_gradient")
     params = trainable_parameters(model)
-    loss = rule.loss(model(inputs), targets)
+    loss = rule.loss(logits_of(call_model(model, inputs)), targets)
     gs = torch.autograd.grad(loss, params, allow_unused=True)
     return [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(params, gs)]
 
 
 def gradient_alignment(
-    rule: Rule,
     model: nn.Module,
-    inputs: Tensor,
+    rule: Rule,
+    inputs: Inputs,
     targets: Tensor,
     samples: int = 1,
     names: bool = True,
@@ -57,13 +59,14 @@ def gradient_alignment(
     update count as a zero estimate; parameters the rule adds in ``attach`` (auxiliary heads) are left
     out. Parameters are matched by identity, so rules whose ``attach`` wraps the model are compared too.
     """
+    model_first(model, rule, "gradient_alignment")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     work = copy.deepcopy(model)
     # the exact gradient of the original model's loss, matched to the copy's parameters by identity:
     # a rule may wrap the model or add parameters in ``attach`` (those get a zero reference)
     copied = trainable_parameters(work)
-    ref = {id(p): g for p, g in zip(copied, true_gradient(rule, copy.deepcopy(model), inputs, targets))}
+    ref = {id(p): g for p, g in zip(copied, true_gradient(copy.deepcopy(model), rule, inputs, targets))}
     work = rule.attach(work)
     params = trainable_parameters(work)
     pnames = [n for n, p in work.named_parameters() if p.requires_grad]

@@ -16,7 +16,6 @@ from .trainer import (
     Faults,
     SeedScalarTrainer,
     TorchExchange,
-    add_distributed_arguments,
     train_distributed,
 )
 from .wire import ExchangeError, checksum, record_bytes, stream_seed
@@ -29,7 +28,6 @@ __all__ = [
     "SeedScalarTrainer",
     "TorchExchange",
     "UpdateLog",
-    "add_distributed_arguments",
     "baffle",
     "checksum",
     "dirichlet_split",

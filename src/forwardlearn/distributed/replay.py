@@ -96,8 +96,11 @@ def read_header(path: str | os.PathLike) -> tuple[dict[str, Any], int]:
         line = f.readline()
         try:
             header = json.loads(line)
-        except json.JSONDecodeError as e:
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: unreadable header ({e})") from None
+        d = header.get("directions_per_step") if isinstance(header, dict) else None
+        if isinstance(d, bool) or not isinstance(d, int) or d < 1 or not isinstance(header.get("config"), dict):
+            raise ValueError(f"{path}: header lacks a positive directions_per_step or a config table")
         return header, f.tell()
 
 
@@ -128,16 +131,10 @@ def read_records(path: str | os.PathLike) -> Iterator[tuple[int, float, list[int
 
 def build_from_config(cfg: dict[str, Any]) -> tuple[nn.Module, Any, torch.optim.Optimizer]:
     """Model, rule and optimizer as the run that wrote ``cfg`` built them (before loading any state)."""
-    from .. import models
-    from ..rules import get_rule, trainable_parameters
-    from ..train import make_optimizer
+    from ..training.run import build_run
 
-    rule = get_rule(cfg["rule"], seed=int(cfg.get("seed", 0)), **cfg.get("rule_options", {}))
-    model = models.build(cfg["model"], tuple(cfg["shape"]), int(cfg["classes"]), cfg["hidden"] or None,
-                         cfg.get("activation", "relu"))
-    model = rule.attach(model)
-    optimizer = make_optimizer(cfg["optimizer"], trainable_parameters(model), float(cfg["lr"]))
-    return model, rule, optimizer
+    run = build_run(cfg, device="cpu", load_data=False)
+    return run.model, run.rule, run.optimizer
 
 
 def replay(base: str | os.PathLike, log: str | os.PathLike, steps: int | None = None) -> tuple[nn.Module, int]:
@@ -146,13 +143,20 @@ def replay(base: str | os.PathLike, log: str | os.PathLike, steps: int | None = 
     Returns ``(model, steps replayed)``.
     """
     header, _ = read_header(log)
-    state = torch.load(base, map_location="cpu", weights_only=True)
+    from ..rules.base import require_seed_scalar
+    from ..training.checkpoint import load_checkpoint
+
+    state = load_checkpoint(base, ("model", "optimizer"))
     cfg = state.get("config") or header["config"]
     model, rule, optimizer = build_from_config(cfg)
-    if not hasattr(rule, "apply"):
-        raise ValueError(f"rule {cfg['rule']!r} has no seed-and-scalar apply; cannot replay")
-    model.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
+    require_seed_scalar(rule, "replay")
+    try:
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+    except (KeyError, TypeError, AttributeError, RuntimeError, ValueError) as e:  # a checkpoint of another run
+        why = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f"{base}: not the base checkpoint of this update log ({type(e).__name__}: {why[:200]})") \
+            from None
     done = 0
     for step, lr, seeds, scalars in read_records(log):
         if steps is not None and step > steps:

@@ -10,6 +10,10 @@ snapshotted before ``estimate`` and copied back after it, so the rounding left b
 restoring (which depends on the rank's own seeds) cannot make the ranks drift apart; a parameter
 checksum is compared every ``checksum_every`` steps anyway and a mismatch stops the run.
 
+This is a step strategy (:class:`SeedScalarStep`) of the one training loop
+(:class:`forwardlearn.training.loop.Trainer`), which brings the scheduler, callbacks, CPU timing and the
+checkpoint format; :class:`SeedScalarTrainer` is the loop with this strategy.
+
 The same loop runs one process that *emulates* ``world_size`` ranks serially (``ranks=range(W)``,
 no process group): it gives bit-identically the weights of a real ``W``-rank run.
 
@@ -21,13 +25,10 @@ the data order, the seeds and the optimizer state of the uninterrupted run.
 
 from __future__ import annotations
 
-import argparse
 import importlib
-import json
 import math
 import os
 import signal
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
@@ -38,8 +39,12 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DistributedSampler
 
-from ..rules.base import Rule, trainable_parameters
-from ..train import History, _atomic_save, _atomic_write_text, accuracy
+from ..data.batches import Inputs, take
+from ..rules.base import Rule, SeedScalarRule, check_int, require_seed_scalar, trainable_parameters
+from ..training.checkpoint import CHECKPOINT, atomic_save
+from ..training.loop import Callback, Trainer
+from ..training.optim import resolve_device
+from ..training.strategies import Strategy
 from .replay import UpdateLog
 from .wire import (
     STATUS_FAILED,
@@ -54,8 +59,6 @@ from .wire import (
     validate,
 )
 
-CHECKPOINT = "checkpoint.pt"
-METRICS = "metrics.jsonl"
 BASE = "base.pt"
 
 
@@ -75,9 +78,6 @@ class Exchange:
     def all_gather(self, buf: Tensor) -> list[Tensor]:
         self.calls += 1
         return [buf]
-
-    def barrier(self) -> None:
-        return None
 
 
 class TorchExchange(Exchange):
@@ -99,9 +99,6 @@ class TorchExchange(Exchange):
         self.bytes_sent += buf.numel() * buf.element_size()
         self.bytes_received += (self.world_size - 1) * buf.numel() * buf.element_size()
         return [o.cpu() for o in out]
-
-    def barrier(self) -> None:
-        self._dist.barrier()
 
 
 # --- fault injection (for testing the fault handling) ------------------------------------------
@@ -130,15 +127,220 @@ class Faults:
         return out
 
 
+# --- the step strategy ------------------------------------------------------------------------------
+
+
+class SeedScalarStep(Strategy):
+    """The loop's step for seed-and-scalar exchange: each rank's shard of an epoch (a ``DistributedSampler``),
+    ``estimate`` on every rank this process plays, ``all_gather`` of the records, ``apply`` of all of them and
+    one optimizer step on every rank. Rank 0 alone evaluates, checkpoints and writes the update log."""
+
+    name = "seed_scalar"
+
+    def __init__(self, rule: SeedScalarRule, *, seed: int, exchange: Exchange | None = None,
+                 ranks: Sequence[int] | None = None, world_size: int | None = None, checksum_every: int = 50,
+                 update_log: str | os.PathLike | None = None, max_scalar: float = 1e6,
+                 faults: Faults | None = None) -> None:
+        require_seed_scalar(rule, "distributed training by seed exchange")
+        check_int(checksum_every, "checksum_every", 0)
+        if not (max_scalar > 0):
+            raise ValueError(f"max_scalar must be positive, got {max_scalar!r}")
+        self.exchange = exchange or Exchange()
+        self.ranks = list(ranks) if ranks is not None else [self.exchange.rank]
+        self.world_size = world_size or (self.exchange.world_size if exchange is not None else len(self.ranks))
+        if exchange is not None and len(self.ranks) != 1:
+            raise ValueError("a process in a process group plays exactly one rank")
+        if exchange is None and len(self.ranks) != self.world_size:
+            raise ValueError(f"without an exchange one process plays all {self.world_size} ranks, "
+                             f"got ranks {self.ranks}")
+        if any(not 0 <= r < self.world_size for r in self.ranks):
+            raise ValueError(f"ranks {self.ranks} outside 0..{self.world_size - 1}")
+        self.seed = seed
+        self.checksum_every = checksum_every
+        self.update_log_path = Path(update_log) if update_log is not None else None
+        self.max_scalar = float(max_scalar)
+        self.faults = faults or Faults()
+        self.directions = int(rule.directions)
+        self.log: UpdateLog | None = None
+        self._resumed_log_records = 0
+        self._bytes_mark = 0
+
+    @property
+    def is_writer(self) -> bool:
+        return 0 in self.ranks
+
+    @property
+    def wire_bytes_per_step(self) -> int:
+        """Payload of the all_gather each rank receives per step: ``world_size`` records."""
+        return self.world_size * record_bytes(self.directions)
+
+    def _bytes(self) -> int:
+        return self.exchange.bytes_received + self.exchange.bytes_sent
+
+    # --- batching: every rank its own shard -----------------------------------------------------------
+    def steps_per_epoch(self, trainer: Trainer, n: int) -> int:
+        return math.ceil(math.ceil(n / self.world_size) / trainer.batch_size)
+
+    def batches(self, trainer: Trainer, n: int) -> list[dict[int, Tensor]]:
+        bs = trainer.batch_size
+        shards = {}
+        for r in self.ranks:
+            sampler = DistributedSampler(range(n), num_replicas=self.world_size, rank=r, shuffle=True,
+                                         seed=self.seed, drop_last=False)
+            sampler.set_epoch(trainer.epoch)
+            shards[r] = list(sampler)
+        return [{r: torch.tensor(idx[i * bs : (i + 1) * bs], device=trainer.device) for r, idx in shards.items()}
+                for i in range(self.steps_per_epoch(trainer, n))]
+
+    def gather(self, trainer: Trainer, X: Inputs, y: Tensor, item: dict[int, Tensor]) -> dict[int, Any]:
+        return {r: (take(X, sel), y[sel]) for r, sel in item.items()}
+
+    # --- one step -------------------------------------------------------------------------------------
+    def _contribution(self, trainer: Trainer, rank: int, xb: Inputs, yb: Tensor,
+                      snapshot: list[Tensor]) -> tuple[Tensor, BaseException | None]:
+        params = trainable_parameters(trainer.model)
+        step = trainer.global_step + 1
+        trainer.rule.generator("cpu").manual_seed(stream_seed(self.seed, step, rank))
+        error: BaseException | None = None
+        try:
+            seeds, scalars, loss = trainer.rule.estimate(trainer.model, xb, yb)
+            status = STATUS_OK
+        except (RuntimeError, ValueError) as e:
+            error = e
+            seeds, scalars, loss, status = [0] * self.directions, torch.zeros(self.directions), 0.0, STATUS_FAILED
+        finally:
+            with torch.no_grad():
+                for p, s in zip(params, snapshot):
+                    p.copy_(s)
+        scalars = scalars.detach().to(torch.float64).clone()
+        if self.faults.nonfinite == (rank, step):
+            scalars[0] = float("nan")
+        return encode(step, seeds, scalars, loss, status), error
+
+    def step(self, trainer: Trainer, batches: dict[int, tuple[Inputs, Tensor]]) -> tuple[float, float]:
+        step = trainer.global_step + 1
+        if self.faults.kill is not None and self.faults.kill[1] == step and self.faults.kill[0] in self.ranks \
+                and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
+            os.kill(os.getpid(), signal.SIGKILL)
+        model, rule, optimizer = trainer.model, trainer.rule, trainer.optimizer
+        params = trainable_parameters(model)
+        with torch.no_grad():
+            snapshot = [p.detach().clone() for p in params]
+        bufs, errors = [], {}
+        for r in self.ranks:
+            buf, err = self._contribution(trainer, r, *batches[r], snapshot)
+            bufs.append(buf)
+            if err is not None:
+                errors[r] = err
+        gathered = self.exchange.all_gather(bufs[0]) if len(self.ranks) == 1 and self.world_size > 1 else bufs
+        records = [decode(b, self.directions, r) for r, b in enumerate(gathered)]
+        if errors:
+            r, err = next(iter(errors.items()))
+            raise ExchangeError(f"rank {r} failed its estimate at step {step}: {err}") from err
+        validate(records, step, self.max_scalar)
+        seeds = [s for rec in records for s in rec.seeds]
+        scalars = torch.cat([rec.scalars for rec in records]).to(torch.float64)
+        lr = float(optimizer.param_groups[0]["lr"])  # the rate this step uses, for the update log
+        optimizer.zero_grad(set_to_none=True)
+        rule.apply(model, seeds, scalars)
+        optimizer.step()
+        rule.steps += 1
+        if self.log is not None:
+            self.log.append(step, lr, seeds, scalars.to(torch.float32))
+        if self.faults.desync is not None and self.faults.desync[1] == step and self.faults.desync[0] in self.ranks:
+            with torch.no_grad():
+                p = params[0].view(-1)
+                p[0] = torch.nextafter(p[0], p[0] + 1)
+        if self.checksum_every and step % self.checksum_every == 0:
+            self.verify(model, step)
+        return sum(r.loss for r in records) / len(records), 1.0
+
+    def verify(self, model: nn.Module, step: int) -> None:
+        """All-gather the parameter checksums and stop with :class:`ExchangeError` if any rank differs."""
+        mine = checksum(model)
+        if len(self.ranks) == 1 and self.world_size > 1:
+            buf = mine.view(torch.uint8)
+            sums = [b.clone().view(torch.int64) for b in self.exchange.all_gather(buf)]
+        else:
+            sums = [mine]
+        compare_checksums(sums, step)
+
+    # --- the loop's hooks -----------------------------------------------------------------------------
+    def evaluates(self, trainer: Trainer) -> bool:
+        return self.is_writer
+
+    def record(self, trainer: Trainer, steps: int) -> dict[str, float]:
+        moved, self._bytes_mark = self._bytes() - self._bytes_mark, self._bytes()
+        return {"world_size": self.world_size, "wire_bytes_per_step": self.wire_bytes_per_step,
+                "measured_bytes_per_step": moved / max(steps, 1)}
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.log is not None:
+            self.log.flush()
+        return {"world_size": self.world_size, "log_records": self.log.records if self.log is not None else 0}
+
+    def load_state_dict(self, state: dict[str, Any], trainer: Trainer) -> None:
+        if int(state.get("world_size", self.world_size)) != self.world_size:
+            raise ValueError(f"{trainer.out_dir / CHECKPOINT} was written by a {state['world_size']}-rank run; this "
+                             f"run has {self.world_size} ranks and would draw different seeds and shards")
+        self._resumed_log_records = int(state.get("log_records", 0))
+
+    def begin(self, trainer: Trainer, resumed: bool) -> None:
+        self._bytes_mark = self._bytes()
+        if self.update_log_path is None or not self.is_writer:
+            return
+        base = self.update_log_path.with_name(BASE)
+        if not resumed:
+            if trainer.global_step != 0:
+                raise ValueError("an update log starts with the run")
+            atomic_save({"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
+                         "config": trainer.config}, base)
+            self.log = UpdateLog.create(self.update_log_path, self._log_header(trainer))
+        else:
+            self.log = UpdateLog.reopen(self.update_log_path, self._resumed_log_records)
+
+    def finish(self, trainer: Trainer) -> None:
+        self.verify(trainer.model, trainer.global_step)
+
+    def end(self, trainer: Trainer) -> None:
+        if self.log is not None:
+            self.log.close()
+
+    def _log_header(self, trainer: Trainer) -> dict[str, Any]:
+        group = trainer.optimizer.param_groups[0]
+        hyper = {k: v for k, v in group.items() if k != "params" and isinstance(v, (int, float, bool, str, tuple))}
+        return {
+            "rule": trainer.rule.name,
+            "rule_options": trainer.config.get("options", {}),
+            "optimizer": type(trainer.optimizer).__name__,
+            "optimizer_hyper": {k: list(v) if isinstance(v, tuple) else v for k, v in hyper.items()},
+            "directions_per_step": self.world_size * self.directions,
+            "world_size": self.world_size,
+            "base": BASE,
+            "config": trainer.config,
+            "torch": torch.__version__,
+        }
+
+
+class _EpochLines(Callback):
+    """One printed line per record (rank 0), instead of a progress bar."""
+
+    def on_epoch_end(self, trainer: Trainer, record: dict[str, float]) -> None:
+        acc = record.get("test_acc", record.get("train_acc", float("nan")))
+        print(f"epoch {trainer.epoch}/{trainer.epochs}: loss {record['loss']:.4f}, acc {acc:.4f}, "
+              f"{record['seconds']:.2f} s, {record['wire_bytes_per_step']} B/step all_gather payload", flush=True)
+
+
 # --- the trainer ----------------------------------------------------------------------------------
 
 
-class SeedScalarTrainer:
-    """Mini-batch training where each step is ``estimate`` on every rank, ``all_gather``, ``apply`` everywhere.
+class SeedScalarTrainer(Trainer):
+    """The training loop (:class:`forwardlearn.Trainer`) with the :class:`SeedScalarStep`: each step is
+    ``estimate`` on every rank, ``all_gather``, ``apply`` everywhere.
 
     Args:
-        model, rule, optimizer: as for :class:`forwardlearn.Trainer`; ``rule`` must have the
-            seed-and-scalar API (``estimate`` and ``apply``: ``zo_spsa``, ``forward_gradient``).
+        model, rule, optimizer: as for :class:`forwardlearn.Trainer` (the model attached, on its device);
+            ``rule`` must be a :class:`~forwardlearn.rules.base.SeedScalarRule` (``zo_spsa``, ``forward_gradient``).
         epochs, batch_size: ``batch_size`` is per rank (the global batch is ``world_size`` times it).
         seed: seeds the data order and every rank's direction stream.
         exchange: the transport (``TorchExchange`` under ``torchrun``); ``None`` = this process alone.
@@ -150,6 +352,8 @@ class SeedScalarTrainer:
         checksum_every: compare the parameter checksums of all ranks every this many steps.
         update_log: path of the replayable update log (written by rank 0 beside ``base.pt``).
         max_scalar: a scalar of larger magnitude from any rank is rejected as malformed.
+        progress: rank 0 prints one line per epoch.
+        scheduler, callbacks, eval_train: as for :class:`forwardlearn.Trainer`.
     """
 
     def __init__(
@@ -173,306 +377,48 @@ class SeedScalarTrainer:
         faults: Faults | None = None,
         progress: bool = False,
         eval_train: bool = True,
+        scheduler: torch.optim.lr_scheduler.LRScheduler | None = None,
+        callbacks: Sequence[Callback] = (),
     ) -> None:
-        if not (hasattr(rule, "estimate") and hasattr(rule, "apply")):
-            raise ValueError(f"rule {rule.name!r} has no seed-and-scalar API (estimate/apply); "
-                             "distributed training by seed exchange supports zo_spsa and forward_gradient")
-        for value, what in ((epochs, "epochs"), (batch_size, "batch size")):
-            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
-                raise ValueError(f"{what} must be a positive integer, got {value!r}")
-        for value, what in ((checkpoint_every, "checkpoint_every"), (checksum_every, "checksum_every")):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{what} must be a non-negative integer, got {value!r}")
-        if not (max_scalar > 0):
-            raise ValueError(f"max_scalar must be positive, got {max_scalar!r}")
-        self.exchange = exchange or Exchange()
-        self.ranks = list(ranks) if ranks is not None else [self.exchange.rank]
-        self.world_size = world_size or (self.exchange.world_size if exchange is not None else len(self.ranks))
-        if exchange is not None and len(self.ranks) != 1:
-            raise ValueError("a process in a process group plays exactly one rank")
-        if exchange is None and len(self.ranks) != self.world_size:
-            raise ValueError(f"without an exchange one process plays all {self.world_size} ranks, "
-                             f"got ranks {self.ranks}")
-        if any(not 0 <= r < self.world_size for r in self.ranks):
-            raise ValueError(f"ranks {self.ranks} outside 0..{self.world_size - 1}")
-        self.model = model
-        self.rule = rule
-        self.optimizer = optimizer
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.seed = seed
-        self.out_dir = Path(out_dir) if out_dir is not None else None
-        self.checkpoint_every = checkpoint_every
-        self.checksum_every = checksum_every
-        self.update_log_path = Path(update_log) if update_log is not None else None
-        self.max_scalar = float(max_scalar)
-        self.config = dict(config or {})
-        self.faults = faults or Faults()
-        self.progress = progress
-        self.eval_train = eval_train
-        self.directions = int(rule.directions)
-        self.history = History()
-        self.epoch = 0
-        self.step_in_epoch = 0
-        self.global_step = 0
-        self.log: UpdateLog | None = None
-        self._epoch_loss = (0.0, 0)  # running (loss sum, steps) of the current epoch
+        step = SeedScalarStep(rule, seed=seed, exchange=exchange, ranks=ranks, world_size=world_size,
+                              checksum_every=checksum_every, update_log=update_log, max_scalar=max_scalar,
+                              faults=faults)
+        lines = [_EpochLines()] if progress and step.is_writer else []
+        device = next(model.parameters()).device
+        super().__init__(model, rule, optimizer, epochs=epochs, batch_size=batch_size, strategy=step,
+                         scheduler=scheduler, seed=seed, out_dir=out_dir, callbacks=[*callbacks, *lines],
+                         progress=False, device=device, config=config, eval_train=eval_train,
+                         checkpoint_every=checkpoint_every)
 
     @property
     def is_writer(self) -> bool:
         """Whether this process writes checkpoints, metrics and the log (rank 0 or the emulator)."""
-        return 0 in self.ranks
+        return self.strategy.is_writer
+
+    @property
+    def world_size(self) -> int:
+        return self.strategy.world_size
 
     @property
     def wire_bytes_per_step(self) -> int:
-        """Payload of the all_gather each rank receives per step: ``world_size`` records."""
-        return self.world_size * record_bytes(self.directions)
+        return self.strategy.wire_bytes_per_step
 
-    # --- one step -----------------------------------------------------------------------------
-    def _contribution(self, rank: int, xb: Tensor, yb: Tensor,
-                      snapshot: list[Tensor]) -> tuple[Tensor, BaseException | None]:
-        params = trainable_parameters(self.model)
-        step = self.global_step + 1
-        self.rule.generator("cpu").manual_seed(stream_seed(self.seed, step, rank))
-        error: BaseException | None = None
-        try:
-            seeds, scalars, loss = self.rule.estimate(self.model, xb, yb)
-            status = STATUS_OK
-        except (RuntimeError, ValueError) as e:
-            error = e
-            seeds, scalars, loss, status = [0] * self.directions, torch.zeros(self.directions), 0.0, STATUS_FAILED
-        finally:
-            with torch.no_grad():
-                for p, s in zip(params, snapshot):
-                    p.copy_(s)
-        scalars = scalars.detach().to(torch.float64).clone()
-        if self.faults.nonfinite == (rank, step):
-            scalars[0] = float("nan")
-        return encode(step, seeds, scalars, loss, status), error
+    @property
+    def exchange(self) -> Exchange:
+        return self.strategy.exchange
 
-    def step(self, batches: dict[int, tuple[Tensor, Tensor]]) -> float:
+    def step(self, batches: dict[int, tuple[Inputs, Tensor]]) -> float:
         """One update from the batches of the ranks this process plays; returns the mean loss over ranks."""
-        step = self.global_step + 1
-        if self.faults.kill is not None and self.faults.kill[1] == step and self.faults.kill[0] in self.ranks \
-                and os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") == "0":
-            os.kill(os.getpid(), signal.SIGKILL)
-        params = trainable_parameters(self.model)
-        with torch.no_grad():
-            snapshot = [p.detach().clone() for p in params]
-        bufs, errors = [], {}
-        for r in self.ranks:
-            buf, err = self._contribution(r, *batches[r], snapshot)
-            bufs.append(buf)
-            if err is not None:
-                errors[r] = err
-        gathered = self.exchange.all_gather(bufs[0]) if len(self.ranks) == 1 and self.world_size > 1 else bufs
-        records = [decode(b, self.directions, r) for r, b in enumerate(gathered)]
-        if errors:
-            r, err = next(iter(errors.items()))
-            raise ExchangeError(f"rank {r} failed its estimate at step {step}: {err}") from err
-        validate(records, step, self.max_scalar)
-        seeds = [s for rec in records for s in rec.seeds]
-        scalars = torch.cat([rec.scalars for rec in records]).to(torch.float64)
-        lr = float(self.optimizer.param_groups[0]["lr"])  # the rate this step uses, for the update log
-        self.optimizer.zero_grad(set_to_none=True)
-        self.rule.apply(self.model, seeds, scalars)
-        self.optimizer.step()
-        self.rule.steps += 1
-        self.global_step = step
-        if self.log is not None:
-            self.log.append(step, lr, seeds, scalars.to(torch.float32))
-        if self.faults.desync is not None and self.faults.desync[1] == step and self.faults.desync[0] in self.ranks:
-            with torch.no_grad():
-                p = params[0].view(-1)
-                p[0] = torch.nextafter(p[0], p[0] + 1)
-        if self.checksum_every and step % self.checksum_every == 0:
-            self.verify(step)
-        return sum(r.loss for r in records) / len(records)
+        loss = self.strategy.step(self, batches)[0]
+        self.global_step += 1
+        return loss
 
     def verify(self, step: int | None = None) -> None:
         """All-gather the parameter checksums and stop with :class:`ExchangeError` if any rank differs."""
-        step = self.global_step if step is None else step
-        mine = checksum(self.model)
-        if len(self.ranks) == 1 and self.world_size > 1:
-            buf = mine.view(torch.uint8)
-            sums = [b.clone().view(torch.int64) for b in self.exchange.all_gather(buf)]
-        else:
-            sums = [mine]
-        compare_checksums(sums, step)
-
-    # --- data ------------------------------------------------------------------------------------
-    def _shards(self, n: int) -> dict[int, list[int]]:
-        out = {}
-        for r in self.ranks:
-            sampler = DistributedSampler(range(n), num_replicas=self.world_size, rank=r, shuffle=True,
-                                         seed=self.seed, drop_last=False)
-            sampler.set_epoch(self.epoch)
-            out[r] = list(sampler)
-        return out
-
-    # --- checkpoints -------------------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        return {
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-            "rule": self.rule.state_dict(),
-            "epoch": self.epoch,
-            "step_in_epoch": self.step_in_epoch,
-            "epoch_loss": list(self._epoch_loss),
-            "global_step": self.global_step,
-            "history": self.history.epochs,
-            "config": self.config,
-            "world_size": self.world_size,
-            "log_records": self.log.records if self.log is not None else 0,
-        }
-
-    def save_checkpoint(self) -> None:
-        if self.out_dir is None or not self.is_writer:
-            return
-        if self.log is not None:
-            self.log.flush()
-        _atomic_save(self.state_dict(), self.out_dir / CHECKPOINT)
-        _atomic_write_text("".join(json.dumps(r) + "\n" for r in self.history.epochs), self.out_dir / METRICS)
-
-    def resume(self) -> bool:
-        """Load ``<out_dir>/checkpoint.pt`` if it exists (every rank reads it); return whether it did."""
-        if self.out_dir is None:
-            raise ValueError("resume needs an output directory")
-        path = self.out_dir / CHECKPOINT
-        if not path.exists():
-            return False
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        if int(state.get("world_size", self.world_size)) != self.world_size:
-            raise ValueError(f"{path} was written by a {state['world_size']}-rank run; this run has "
-                             f"{self.world_size} ranks and would draw different seeds and shards")
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.rule.load_state_dict(state["rule"])
-        self.epoch = int(state["epoch"])
-        self.step_in_epoch = int(state["step_in_epoch"])
-        total, count = state.get("epoch_loss", (0.0, 0))
-        self._epoch_loss = (float(total), int(count))
-        self.global_step = int(state["global_step"])
-        self.history = History([dict(r) for r in state["history"]])
-        self._resumed_log_records = int(state.get("log_records", 0))
-        return True
-
-    def _open_log(self, resumed: bool) -> None:
-        if self.update_log_path is None or not self.is_writer:
-            return
-        base = self.update_log_path.with_name(BASE)
-        if not resumed:
-            if self.global_step != 0:
-                raise ValueError("an update log starts with the run")
-            _atomic_save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                          "config": self.config}, base)
-            self.log = UpdateLog.create(self.update_log_path, self._log_header())
-        else:
-            self.log = UpdateLog.reopen(self.update_log_path, getattr(self, "_resumed_log_records", 0))
-
-    def _log_header(self) -> dict[str, Any]:
-        group = self.optimizer.param_groups[0]
-        hyper = {k: v for k, v in group.items() if k != "params" and isinstance(v, (int, float, bool, str, tuple))}
-        return {
-            "rule": self.rule.name,
-            "rule_options": self.config.get("rule_options", {}),
-            "optimizer": type(self.optimizer).__name__,
-            "optimizer_hyper": {k: list(v) if isinstance(v, tuple) else v for k, v in hyper.items()},
-            "directions_per_step": self.world_size * self.directions,
-            "world_size": self.world_size,
-            "base": BASE,
-            "config": self.config,
-            "torch": torch.__version__,
-        }
-
-    # --- the loop ----------------------------------------------------------------------------------
-    def fit(self, train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor] | None = None,
-            resume: bool = False) -> History:
-        device = next(self.model.parameters()).device
-        X, y = (t.to(device) for t in train)
-        Xt, yt = (t.to(device) for t in test) if test is not None else (None, None)
-        if len(X) != len(y) or len(X) == 0:
-            raise ValueError(f"training inputs and targets must be non-empty and equally long ({len(X)} vs {len(y)})")
-        resumed = False
-        if self.out_dir is not None:
-            self.out_dir.mkdir(parents=True, exist_ok=True)
-            if resume:
-                resumed = self.resume()
-        self._open_log(resumed)
-        n = len(X)
-        per_rank = math.ceil(n / self.world_size)
-        steps_per_epoch = math.ceil(per_rank / self.batch_size)
-        self.model.train()
-        try:
-            while self.epoch < self.epochs:
-                shards = self._shards(n)
-                t0 = time.perf_counter()
-                total, count = self._epoch_loss
-                sent0 = self.exchange.bytes_received + self.exchange.bytes_sent
-                steps0 = self.global_step
-                for i in range(self.step_in_epoch, steps_per_epoch):
-                    batches = {}
-                    for r, idx in shards.items():
-                        sel = torch.tensor(idx[i * self.batch_size : (i + 1) * self.batch_size], device=device)
-                        batches[r] = (X[sel], y[sel])
-                    loss = self.step(batches)
-                    total += loss
-                    count += 1
-                    self.step_in_epoch = i + 1
-                    self._epoch_loss = (total, count)
-                    if self.checkpoint_every and self.global_step % self.checkpoint_every == 0 \
-                            and self.step_in_epoch < steps_per_epoch:
-                        self.save_checkpoint()
-                seconds = time.perf_counter() - t0
-                self.epoch += 1
-                self.step_in_epoch = 0
-                self._epoch_loss = (0.0, 0)
-                steps = max(self.global_step - steps0, 1)
-                record: dict[str, float] = {
-                    "epoch": self.epoch, "loss": total / max(count, 1), "seconds": seconds,
-                    "world_size": self.world_size,
-                    "wire_bytes_per_step": self.wire_bytes_per_step,
-                    "measured_bytes_per_step":
-                        (self.exchange.bytes_received + self.exchange.bytes_sent - sent0) / steps,
-                }
-                if self.is_writer:
-                    if self.eval_train:
-                        record["train_acc"] = accuracy(self.rule, self.model, X, y)
-                    if Xt is not None:
-                        record["test_acc"] = accuracy(self.rule, self.model, Xt, yt)
-                self.history.epochs.append(record)
-                self.save_checkpoint()
-                if self.progress and self.is_writer:
-                    acc = record.get("test_acc", record.get("train_acc", float("nan")))
-                    print(f"epoch {self.epoch}/{self.epochs}: loss {record['loss']:.4f}, acc {acc:.4f}, "
-                          f"{seconds:.2f} s, {self.wire_bytes_per_step} B/step all_gather payload", flush=True)
-            self.verify()
-        finally:
-            if self.log is not None:
-                self.log.close()
-        return self.history
+        self.strategy.verify(self.model, self.global_step if step is None else step)
 
 
-# --- the CLI entry: `forwardlearn train --distributed` -----------------------------------------------
-
-
-def add_distributed_arguments(p: argparse.ArgumentParser) -> None:
-    """The options of ``forwardlearn train --distributed`` beyond those of ``forwardlearn train``."""
-    g = p.add_argument_group("seed-and-scalar distributed training (zo_spsa, forward_gradient)")
-    g.add_argument("--distributed", action="store_true",
-                   help="data-parallel by (seed, scalar) all_gather; launch under torchrun --nproc-per-node N")
-    g.add_argument("--update-log", default=None, metavar="PATH",
-                   help="write the replayable update log (seed, scalar, lr per step) here, base.pt beside it")
-    g.add_argument("--checkpoint-every", type=int, default=0, metavar="STEPS",
-                   help="also checkpoint every STEPS steps (default: at epoch ends only)")
-    g.add_argument("--checksum-every", type=int, default=50, metavar="STEPS",
-                   help="compare the parameter checksums of all ranks every STEPS steps (default 50)")
-    g.add_argument("--max-scalar", type=float, default=1e6,
-                   help="reject a rank's scalar larger than this in magnitude as malformed (default 1e6)")
-    f = p.add_argument_group("fault injection (for testing the fault handling)")
-    f.add_argument("--inject-kill", default=None, metavar="RANK:STEP", help="SIGKILL RANK at STEP (first attempt)")
-    f.add_argument("--inject-nonfinite", default=None, metavar="RANK:STEP", help="RANK sends a NaN scalar at STEP")
-    f.add_argument("--inject-desync", default=None, metavar="RANK:STEP", help="RANK nudges a weight after STEP")
+# --- launching under torchrun ---------------------------------------------------------------------
 
 
 def _init_process_group(device: torch.device) -> tuple[bool, torch.device]:
@@ -512,70 +458,50 @@ def init_process_group(device: torch.device | str = "cpu") -> torch.device:
     return _init_process_group(torch.device(device))[1]
 
 
-def train_distributed(args: argparse.Namespace) -> int:
-    """Run ``forwardlearn train`` with ``--distributed`` and/or ``--update-log`` (see the module doc)."""
-    from .. import data, models
-    from ..commands._common import (
-        RESUME_KEYS,
-        check_resume,
-        parse_hidden,
-        parse_options,
-        run_directory,
-        training_config,
-    )
-    from ..rules import get_rule
-    from ..train import make_optimizer, resolve_device
+def train_distributed(
+    config: dict[str, Any],
+    out_dir: str | os.PathLike,
+    *,
+    resume: bool = False,
+    distributed: bool = False,
+    device: str | torch.device | None = "auto",
+    data_dir: str | None = None,
+    update_log: str | os.PathLike | None = None,
+    checkpoint_every: int = 0,
+    checksum_every: int = 50,
+    max_scalar: float = 1e6,
+    faults: Faults | None = None,
+    progress: bool = True,
+) -> SeedScalarTrainer:
+    """Build the run of ``config`` (:func:`~forwardlearn.training.run.build_run`) and train it by seed and scalar
+    exchange: as one rank of the ``torchrun`` process group (``distributed=True``), else as one process (with
+    ``update_log``, a replayable single-process run). Returns the trainer (``.history``, ``.is_writer``)."""
+    from ..training.run import RESUME_KEYS, build_run, check_resume, run_directory
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    hidden = parse_hidden(args.hidden)
-    options = parse_options(args.opt)
-    spec = data.info(args.data)
-    device = resolve_device(args.device)
+    device = resolve_device(device)
     created = False
-    if getattr(args, "distributed", False):
+    if distributed:
         created, device = _init_process_group(device)
     try:
-        exchange: Exchange | None = TorchExchange(device) if getattr(args, "distributed", False) else None
+        exchange: Exchange | None = TorchExchange(device) if distributed else None
         # an elastic restart (torchrun --max-restarts) resumes from the last checkpoint by itself
-        resume = args.resume or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
-        out = run_directory(args, resume)  # checked on every rank, so that all of them stop
-        torch.manual_seed(args.seed)
-        rule = get_rule(args.rule, seed=args.seed, **options)
-        d = type(rule).defaults
-        cfg = {
-            **training_config(args, d, hidden),
-            "rule_options": {k: v for k, v in options.items() if isinstance(v, (int, float, str, bool))},
-            "shape": list(spec.shape),
-            "classes": spec.classes,
-            "world_size": exchange.world_size if exchange is not None else 1,
-            "directions": int(getattr(rule, "directions", 0)),
-        }
+        resume = resume or os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") != "0"
+        out = run_directory(out_dir, resume)  # checked on every rank, so that all of them stop
+        run = build_run(config, device=device, data_dir=data_dir)
+        require_seed_scalar(run.rule, "distributed training by seed exchange")
+        cfg = run.config
+        cfg["world_size"] = exchange.world_size if exchange is not None else 1
+        cfg["directions"] = int(run.rule.directions)
         if resume:
-            check_resume(out, cfg, (*RESUME_KEYS, "rule_options", "world_size", "directions"))
-        Xtr, ytr = data.load(args.data, "train", root=args.data_dir)
-        Xte, yte = data.load(args.data, "test", root=args.data_dir)
-        model = models.build(cfg["model"], spec.shape, spec.classes, cfg["hidden"] or None, args.activation)
-        model = rule.attach(model.to(device))
-        optimizer = make_optimizer(cfg["optimizer"], trainable_parameters(model), cfg["lr"])
-        faults = Faults(kill=Faults.parse(getattr(args, "inject_kill", None), "--inject-kill"),
-                        nonfinite=Faults.parse(getattr(args, "inject_nonfinite", None), "--inject-nonfinite"),
-                        desync=Faults.parse(getattr(args, "inject_desync", None), "--inject-desync"))
+            check_resume(out, cfg, (*RESUME_KEYS, "world_size", "directions"))
         trainer = SeedScalarTrainer(
-            model, rule, optimizer, epochs=cfg["epochs"], batch_size=cfg["batch_size"], seed=args.seed,
-            exchange=exchange, out_dir=out, checkpoint_every=getattr(args, "checkpoint_every", 0),
-            checksum_every=getattr(args, "checksum_every", 50), update_log=getattr(args, "update_log", None),
-            max_scalar=getattr(args, "max_scalar", 1e6), config=cfg, faults=faults, progress=not args.quiet)
-        history = trainer.fit((Xtr, ytr), (Xte, yte), resume=resume)
-        if trainer.is_writer:
-            final = history.final
-            print(f"{args.rule} on {args.data}, {trainer.world_size} rank(s): epoch {final['epoch']}, "
-                  f"loss {final['loss']:.4f}, test acc {final.get('test_acc', float('nan')):.4f}, "
-                  f"{final['wire_bytes_per_step']} B/step gathered per rank  ->  {out}")
-            (out / "summary.json").write_text(json.dumps({"config": cfg, "final": final}, indent=2) + "\n")
+            run.model, run.rule, run.optimizer, epochs=cfg["epochs"], batch_size=cfg["batch_size"], seed=cfg["seed"],
+            exchange=exchange, out_dir=out, checkpoint_every=checkpoint_every, checksum_every=checksum_every,
+            update_log=update_log, max_scalar=max_scalar, config=cfg, faults=faults, progress=progress)
+        trainer.fit(run.train, run.test, resume=resume)
     finally:
         if created:
             import torch.distributed as dist
 
             dist.destroy_process_group()
-    return 0
+    return trainer

@@ -1,9 +1,10 @@
 """Ordinary ``nn.Module`` models built from standard layers, so learning rules can walk their layers."""
 
-from .basic import ACTIVATIONS, MODELS, activation_module, build, cnn, mlp
+from .basic import ACTIVATIONS, activation_module, build, cnn, mlp
 from .convergent import ConvergentNet, convergent
 from .gnn import GNN, GraphConv, gnn
 from .harsanyi import HarsanyiNet
+from .registry import MODELS, from_spec, register_model
 from .resnet import BasicBlock, ResNet, resnet, resnet18
 from .zoo import PositionEmbedding, RowTransformer, rescnn, transformer
 
@@ -22,8 +23,10 @@ __all__ = [
     "build",
     "cnn",
     "convergent",
+    "from_spec",
     "gnn",
     "mlp",
+    "register_model",
     "resnet",
     "rescnn",
     "resnet18",

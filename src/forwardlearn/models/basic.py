@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -52,17 +53,22 @@ def mlp(in_features: int, hidden: Sequence[int], classes: int, activation: str =
 
 def cnn(
     in_channels: int,
-    classes: int,
+    hidden: Sequence[int] = (120, 84),
+    classes: int = 10,
+    *,
     input_size: int | tuple[int, int] = 28,
     channels: Sequence[int] = (6, 16),
-    hidden: Sequence[int] = (120, 84),
     activation: str = "relu",
     kernel_size: int = 5,
 ) -> nn.Sequential:
     """LeNet-like network: ``[Conv2d -> activation -> MaxPool2d] * len(channels) -> Flatten -> MLP head``.
 
-    Convolutions are padded ("same"), so the net also fits small inputs such as 8x8 digits.
+    The arguments run as in :func:`mlp`: inputs, hidden (fully connected) widths, classes. Convolutions are
+    padded ("same"), so the net also fits small inputs such as 8x8 digits.
     """
+    if isinstance(hidden, int):
+        raise ValueError(f"cnn(in_channels, hidden, classes, ...) takes the hidden widths second, got {hidden!r}; "
+                         f"pass classes={hidden} by keyword or as the third argument")
     _positive_int(in_channels, "in_channels")
     _positive_int(classes, "classes")
     _positive_int(kernel_size, "kernel_size")
@@ -85,8 +91,21 @@ def cnn(
     return nn.Sequential(*layers, *_dense(width, hidden, classes, activation))
 
 
+def he_uniform_(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
+    """The papers' initialisation: every ``Linear`` weight ``U(-sqrt(6/fan_in), sqrt(6/fan_in))``, biases 0."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.Linear):
+                limit = math.sqrt(6.0 / m.in_features)
+                w = torch.rand(m.weight.shape, generator=generator, dtype=m.weight.dtype) * 2 - 1
+                m.weight.copy_(w * limit)
+                if m.bias is not None:
+                    m.bias.zero_()
+    return model
+
+
 #: the names :func:`build` knows
-MODELS = ("cnn", "mlp", "rescnn", "transformer")
+BUILD_NAMES = ("cnn", "mlp", "rescnn", "transformer")
 
 
 def build(
@@ -112,7 +131,7 @@ def build(
         if len(shape) != 3:
             raise ValueError(f"model 'cnn' needs image inputs (C, H, W), this data set has shape {tuple(shape)}")
         c, h, w = shape
-        return cnn(c, classes, input_size=(h, w), hidden=tuple(hidden) if hidden else (120, 84), activation=activation)
+        return cnn(c, tuple(hidden) if hidden else (120, 84), classes, input_size=(h, w), activation=activation)
     if name in ("rescnn", "transformer"):
         if len(shape) != 3:
             raise ValueError(f"model {name!r} needs image inputs (C, H, W), this data set has shape {tuple(shape)}")
@@ -120,4 +139,4 @@ def build(
 
         c, h, w = shape
         return rescnn(c, classes) if name == "rescnn" else transformer(c, h, w, classes)
-    raise ValueError(f"unknown model {name!r}; valid: {', '.join(MODELS)}")
+    raise ValueError(f"unknown model {name!r}; valid: {', '.join(BUILD_NAMES)}")

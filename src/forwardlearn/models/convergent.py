@@ -67,14 +67,6 @@ def rho(u: Tensor, activation: str) -> Tensor:
     return torch.sigmoid(4.0 * (u - 0.5))
 
 
-def rho_prime(u: Tensor, activation: str) -> Tensor:
-    """Derivative of :func:`rho` at pre-activation ``u`` (real)."""
-    if activation == "hard_sigmoid":
-        return ((u > 0) & (u < 1)).to(u.dtype)
-    s = torch.sigmoid(4.0 * (u - 0.5))
-    return 4.0 * s * (1.0 - s)
-
-
 class ConvergentNet(nn.Module):
     """Layered convergent network; see the module docstring for the dynamics.
 

@@ -85,9 +85,14 @@ class ResNet(nn.Module):
         return self.head(self.pool(self.blocks(self.stem(x))))
 
 
-def resnet(in_channels: int, classes: int, widths: Sequence[int] = (16, 32, 64), depth: Sequence[int] = (1, 1, 1),
-           batch_norm: bool = True) -> ResNet:
-    """A CIFAR-style ResNet: ``len(widths)`` stages of ``depth[i]`` basic blocks of width ``widths[i]``."""
+def resnet(in_channels: int, widths: Sequence[int] = (16, 32, 64), classes: int = 10, *,
+           depth: Sequence[int] = (1, 1, 1), batch_norm: bool = True) -> ResNet:
+    """A CIFAR-style ResNet: ``len(widths)`` stages of ``depth[i]`` basic blocks of width ``widths[i]``.
+
+    The arguments run as in :func:`~forwardlearn.models.basic.mlp`: inputs, widths, classes."""
+    if isinstance(widths, int):
+        raise ValueError(f"resnet(in_channels, widths, classes, ...) takes the stage widths second, got {widths!r}; "
+                         f"pass classes={widths} by keyword or as the third argument")
     return ResNet(in_channels, classes, widths, depth, batch_norm)
 
 

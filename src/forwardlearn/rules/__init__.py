@@ -5,8 +5,10 @@ import pkgutil
 
 from .base import (
     Rule,
+    SeedScalarRule,
     accumulate_grad,
     available_rules,
+    build_rule,
     check_finite,
     get_rule,
     register,
@@ -21,8 +23,10 @@ for _m in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
 
 __all__ = [
     "Rule",
+    "SeedScalarRule",
     "accumulate_grad",
     "available_rules",
+    "build_rule",
     "check_finite",
     "get_rule",
     "register",

@@ -6,6 +6,7 @@ from typing import ClassVar
 
 from torch import Tensor, nn
 
+from ..data.batches import Inputs, call_model, logits_of
 from .base import Rule, check_finite, register
 
 
@@ -17,12 +18,13 @@ class Backprop(Rule):
     """
 
     name: ClassVar[str] = "backprop"
+    backward: ClassVar[str] = "global"
     description: ClassVar[str] = "reference: exact gradient by reverse-mode automatic differentiation"
     paper: ClassVar[str] = "Rumelhart, Hinton & Williams 1986, Learning representations by back-propagating errors"
     defaults: ClassVar[dict] = {**Rule.defaults, "lr": 2e-3}
 
-    def grads(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
-        loss = self.loss(model(inputs), targets)
+    def grads(self, model: nn.Module, inputs: Inputs, targets: Tensor) -> float:
+        loss = self.loss(logits_of(call_model(model, inputs)), targets)
         value = check_finite(loss.detach(), "loss")
         loss.backward()
         self.steps += 1

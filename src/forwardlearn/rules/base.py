@@ -17,16 +17,21 @@ from __future__ import annotations
 
 import inspect
 import math
-from collections.abc import Callable, Iterable
+import re
+from collections.abc import Callable, Mapping
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..data.batches import Inputs, call_model, logits_of
+
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
 _REGISTRY: dict[str, type[Rule]] = {}
+#: option names that other rules or earlier versions spelled differently: one name per concept
+RENAMED = {"theta": "threshold", "loss_fn": "loss"}
 
 
 def register(cls: type[Rule]) -> type[Rule]:
@@ -78,13 +83,43 @@ def get_rule(name: str, **options: Any) -> Rule:
     """
     cls = rule_class(name)
     valid = _options_of(cls)
+    for old, new in RENAMED.items():
+        if old in options and old not in valid and new in valid:
+            raise ValueError(f"option {old!r} of rule {name!r} is called {new!r}")
     unknown = sorted(set(options) - set(valid))
     if unknown:
         raise ValueError(
             f"unknown option(s) {', '.join(unknown)} for rule {name!r}; valid options: "
             f"{', '.join(sorted(valid)) or '(none)'}"
         )
-    return cls(**options)
+    try:
+        return cls(**options)
+    except ValueError as e:  # the rule's own check: say which rule refused the value
+        if names_rule(name, str(e)):
+            raise
+        raise ValueError(f"rule {name!r}: {e}") from None
+
+
+def names_rule(name: str, text: str) -> bool:
+    """Whether ``text`` mentions rule ``name`` as a word (``ff`` in "ff: ..." but not in "off" or "ff_conv")."""
+    return re.search(rf"(?<!\w){re.escape(name)}(?!\w)", text) is not None
+
+
+#: keywords every rule takes that a run sets itself (its seed); a stored option set must not repeat them
+RESERVED_OPTIONS: tuple[str, ...] = ("seed",)
+
+
+def build_rule(name: str, seed: int | None, options: Mapping[str, Any] | None = None, where: str = "options") -> Rule:
+    """``get_rule(name, seed=seed, **options)`` for option sets read from a flag or a file.
+
+    A reserved key (``seed``) inside ``options`` raises ``ValueError`` naming it and ``where`` it came from,
+    instead of reaching the rule's constructor twice.
+    """
+    options = dict(options or {})
+    clash = [k for k in RESERVED_OPTIONS if k in options]
+    if clash:
+        raise ValueError(f"{where}: {', '.join(clash)} is set by the run itself, not as a rule option of {name!r}")
+    return get_rule(name, seed=seed, **options)
 
 
 def accumulate_grad(param: Tensor, grad: Tensor) -> None:
@@ -113,6 +148,13 @@ def check_positive(value: Any, what: str) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
         raise ValueError(f"{what} must be a positive finite number, got {value!r}")
     return float(value)
+
+
+def model_first(model: Any, rule: Any, where: str) -> None:
+    """``ValueError`` when ``where(model, rule, ...)`` got a rule first and a model second (the public functions
+    all take the model first, as :func:`forwardlearn.train` does)."""
+    if isinstance(model, Rule) or (isinstance(rule, nn.Module) and not isinstance(model, nn.Module)):
+        raise ValueError(f"{where} takes the model first and the rule second: {where}(model, rule, ...)")
 
 
 class NonFiniteError(RuntimeError):
@@ -155,18 +197,31 @@ class Rule:
     }
     #: True for rules that never run a reverse-mode pass across the network
     forward_only: ClassVar[bool] = False
-    #: what ``inputs`` are: "tensor" (a batch of examples) or "graph" (see ``forwardlearn.data.graphs``)
+    #: what runs in reverse (the README's "backward pass" column): "none" (never backward() or autograd.grad;
+    #: ``forward_only``), "local" (autograd only inside one layer or block on its own local objective),
+    #: "feedback" (a backward pass through feedback matrices instead of W^T) or "global" (backprop)
+    backward: ClassVar[str] = "global"
+    #: what ``inputs`` are: "tensor" (a batch of examples, or a mapping of tensors such as a tokenizer's
+    #: output, see ``forwardlearn.data.batches``) or "graph" (see ``forwardlearn.data.graphs``)
     data_kind: ClassVar[str] = "tensor"
+    #: True for rules with ``fused_step(model, inputs, targets, lr, weight_decay)`` (the step without ``.grad``)
+    supports_fused: ClassVar[bool] = False
 
     @classmethod
-    def default_model(cls, shape: tuple[int, ...], classes: int) -> nn.Module:
-        """The model ``forwardlearn compare`` trains this rule on: ``defaults["model"]`` with ``defaults["hidden"]``.
+    def model_spec(cls) -> dict[str, Any]:
+        """The spec of the model this rule trains by default (:mod:`forwardlearn.models.registry`):
+        ``defaults["model"]`` with ``defaults["hidden"]``. Rules that need a model of their own kind (an
+        energy-based net, an initialisation of their paper) override this."""
+        hidden = cls.defaults.get("hidden")
+        return {"name": cls.defaults.get("model", "mlp"), "hidden": list(hidden) if hidden is not None else None}
 
-        Rules that need a model of their own kind (an energy-based net, say) override this.
-        """
-        from ..models import build
+    @classmethod
+    def default_model(cls, shape: tuple[int, ...], classes: int, hidden: list[int] | None = None) -> nn.Module:
+        """The model of :meth:`model_spec` for inputs of ``shape`` (``hidden`` replaces its widths)."""
+        from ..models.registry import from_spec
 
-        return build(cls.defaults.get("model", "mlp"), shape, classes, cls.defaults.get("hidden"))
+        spec = cls.model_spec()
+        return from_spec(spec if hidden is None else {**spec, "hidden": list(hidden)}, shape, classes)
 
     def __init__(self, loss: LossFn | None = None, seed: int | None = None) -> None:
         if loss is not None and not callable(loss):
@@ -186,13 +241,24 @@ class Rule:
         """Add what the rule needs to ``model`` and return it. Idempotent. Default: nothing."""
         return model
 
-    def grads(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
+    def grads(self, model: nn.Module, inputs: Inputs, targets: Tensor) -> float:
         """Accumulate the rule's update into ``p.grad`` of every trained parameter; return the loss."""
         raise NotImplementedError
 
-    def predict(self, model: nn.Module, inputs: Tensor) -> Tensor:
-        """Class scores ``(N, C)``. Default: ``model(inputs)``."""
-        return model(inputs)
+    def predict(self, model: nn.Module, inputs: Inputs) -> Tensor:
+        """Class scores ``(N, C)``. Default: the model's output (``model(**inputs)`` for a mapping), or its
+        ``.logits``."""
+        return logits_of(call_model(model, inputs))
+
+    def fused_step(self, model: nn.Module, inputs: Inputs, targets: Tensor, lr: float,
+                   weight_decay: float = 0.0) -> float:
+        """Estimate and apply an SGD step in place, without ``.grad`` (rules with ``supports_fused``)."""
+        raise NotImplementedError(f"rule {self.name!r} has no fused step")
+
+    def untrained(self, model: nn.Module) -> set[str]:
+        """Names (as in ``model.named_parameters()``) of trainable parameters of the attached ``model`` that
+        :meth:`grads` leaves without ``.grad`` by design, each documented by the rule. Default: none."""
+        return set()
 
     def state_dict(self) -> dict[str, Any]:
         """All rule state as tensors and plain values (loadable with ``weights_only=True``)."""
@@ -227,13 +293,45 @@ class Rule:
         return f"{type(self).__name__}({args})"
 
 
-def parameters_of(modules: Iterable[nn.Module]) -> list[nn.Parameter]:
-    """Trainable parameters of several modules, each once."""
-    seen: set[int] = set()
-    out = []
-    for m in modules:
-        for p in m.parameters():
-            if p.requires_grad and id(p) not in seen:
-                seen.add(id(p))
-                out.append(p)
-    return out
+class SeedScalarRule(Rule):
+    """A rule whose update is ``K = directions`` pairs ``(seed, scalar)``: the seed regenerates a direction
+    ``v_k`` over the trained parameters, the scalar weighs it, and the update is ``mean_k scalar_k v_k``.
+
+    This is what distributed training by seed exchange, federated BAFFLE rounds and replay logs need:
+
+    - ``estimate(model, inputs, targets) -> (seeds, scalars, loss)``: the ``K`` seeds (drawn from the rule's
+      own CPU stream) and float64 scalars; touches no ``.grad`` and leaves the weights as they were;
+    - ``apply(model, seeds, scalars)``: ``p.grad += mean_k scalars[k] v_k``, each ``v_k`` regenerated from
+      its seed, bit-identically on every process;
+    - ``fused_apply(model, seeds, scalars, lr, weight_decay=0.0)`` (when ``supports_fused``): the SGD step
+      ``p <- p - lr (mean_k scalars[k] v_k + weight_decay p)`` in place, without ``.grad``.
+
+    ``grads`` is ``estimate`` then ``apply``.
+    """
+
+    directions: int
+
+    def estimate(self, model: nn.Module, inputs: Inputs, targets: Tensor) -> tuple[list[int], Tensor, float]:
+        raise NotImplementedError
+
+    def apply(self, model: nn.Module, seeds: list[int], scalars: Tensor) -> None:
+        raise NotImplementedError
+
+    def fused_apply(self, model: nn.Module, seeds: list[int], scalars: Tensor, lr: float,
+                    weight_decay: float = 0.0) -> None:
+        raise NotImplementedError(f"rule {self.name!r} has no fused step")
+
+    def grads(self, model: nn.Module, inputs: Inputs, targets: Tensor) -> float:
+        seeds, scalars, loss = self.estimate(model, inputs, targets)
+        self.apply(model, seeds, scalars)
+        self.steps += 1
+        return loss
+
+
+def require_seed_scalar(rule: Rule, what: str) -> SeedScalarRule:
+    """``rule`` if it is a :class:`SeedScalarRule`, else ``ValueError`` naming the rules that are."""
+    if not isinstance(rule, SeedScalarRule):
+        names = ", ".join(n for n in available_rules() if issubclass(_REGISTRY[n], SeedScalarRule))
+        raise ValueError(f"rule {rule.name!r} has no seed-and-scalar API (estimate/apply); {what} needs one of: "
+                         f"{names}")
+    return rule

@@ -122,6 +122,7 @@ class EquilibriumPropagation(Rule):
     """
 
     name: ClassVar[str] = "ep"
+    backward: ClassVar[str] = "local"
     description: ClassVar[str] = ("equilibrium propagation on a convergent net: free and nudged relaxations; "
                                   "symmetric, holomorphic and asymmetric variants")
     paper: ClassVar[str] = ("Scellier & Bengio 2017, Equilibrium propagation; Laborieux & Zenke 2022, Holomorphic "
@@ -176,9 +177,9 @@ class EquilibriumPropagation(Rule):
 
     # --- model --------------------------------------------------------------------------------
     @classmethod
-    def default_model(cls, shape: tuple[int, ...], classes: int) -> nn.Module:
+    def model_spec(cls) -> dict[str, Any]:
         """A symmetric hard-sigmoid :class:`ConvergentNet` with ``defaults["hidden"]``."""
-        return ConvergentNet(math.prod(shape), cls.defaults["hidden"], classes)
+        return {"name": "convergent", "hidden": list(cls.defaults["hidden"])}
 
     def attach(self, model: nn.Module) -> nn.Module:
         """Return the :class:`ConvergentNet` to train.

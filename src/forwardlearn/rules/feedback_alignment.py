@@ -499,6 +499,7 @@ class FeedbackAlignment(_LayerFeedbackRule):
     """
 
     name: ClassVar[str] = "fa"
+    backward: ClassVar[str] = "feedback"
     description: ClassVar[str] = "feedback alignment: the error flows back through fixed random matrices"
     paper: ClassVar[str] = ("Lillicrap, Cownden, Tweed & Akerman 2016, Random synaptic feedback weights support "
                             "error backpropagation for deep learning, Nat. Commun. 7:13276")
@@ -525,6 +526,7 @@ class SignSymmetry(_LayerFeedbackRule):
     """
 
     name: ClassVar[str] = "sign_symmetry"
+    backward: ClassVar[str] = "feedback"
     description: ClassVar[str] = "sign symmetry: feedback with the signs of W (variants usf, brsf, frsf)"
     paper: ClassVar[str] = ("Liao, Leibo & Poggio 2016, How important is weight symmetry in backpropagation?, AAAI; "
                             "Moskovitz, Litwin-Kumar & Abbott 2018, Feedback alignment in deep convolutional networks")
@@ -566,6 +568,7 @@ class ProductFeedbackAlignment(_LayerFeedbackRule):
     """
 
     name: ClassVar[str] = "pfa"
+    backward: ClassVar[str] = "feedback"
     description: ClassVar[str] = "product feedback alignment: feedback through a fixed B and a learned R"
     paper: ClassVar[str] = "Li & Benna 2024, Deep Learning without Weight Symmetry, arXiv:2405.20594"
     defaults: ClassVar[dict[str, Any]] = {
@@ -600,6 +603,12 @@ class ProductFeedbackAlignment(_LayerFeedbackRule):
         # R is a parameter (in the model's state_dict): after a checkpoint load it is not drawn either
         r = self._uniform(r_shape, -a, a, w) if saved is None else torch.zeros(r_shape, device=w.device, dtype=w.dtype)
         m.feedback_r = nn.Parameter(r)
+
+    def untrained(self, model: nn.Module) -> set[str]:
+        """``R`` of the first layer: that layer sends no error below, so its ``R`` carries no feedback and gets
+        no gradient."""
+        first = next(feedback_layers(model), None)
+        return {f"{first[0]}.feedback_r"} if first is not None else set()
 
     def _after_backward(self, model: nn.Module) -> None:
         if self.weight_decay == 0:
@@ -636,6 +645,7 @@ class DFA(_TrackedFeedback):
     """
 
     name: ClassVar[str] = "dfa"
+    backward: ClassVar[str] = "local"
     description: ClassVar[str] = "direct feedback alignment: the output error sent to each layer by fixed random maps"
     paper: ClassVar[str] = ("Nøkland 2016, Direct Feedback Alignment Provides Learning in Deep Neural Networks, "
                             "NeurIPS; Launay et al. 2020, Direct Feedback Alignment Scales to Modern Deep "

@@ -219,6 +219,7 @@ class ForwardForward(Rule):
     """
 
     name: ClassVar[str] = "ff"
+    backward: ClassVar[str] = "local"
     description: ClassVar[str] = "Forward-Forward: per-layer logistic goodness loss, positive vs wrong-label data"
     paper: ClassVar[str] = "Hinton 2022, The Forward-Forward Algorithm: Some Preliminary Investigations"
     defaults: ClassVar[dict[str, Any]] = {
@@ -486,6 +487,13 @@ class ForwardForward(Rule):
         super().load_state_dict(state)
         self.peer_means = [m.clone() for m in state.get("peer_means", [])]
 
+    def untrained(self, model: nn.Module) -> set[str]:
+        """The MLP's final ``Linear``: Forward-Forward predicts from the layers' goodness, not from it (the
+        optional read-out is a separate module, ``ff_readout``, which is trained)."""
+        self.blocks(model)
+        own = {id(p) for p in self._walk[2].parameters(recurse=False)}
+        return {n for n, p in model.named_parameters() if id(p) in own}
+
     def predict(self, model: nn.Module, inputs: Tensor) -> Tensor:
         if self.predict_by == "readout":
             with torch.no_grad():
@@ -502,6 +510,7 @@ class CollaborativeForwardForward(ForwardForward):
     """
 
     name: ClassVar[str] = "cff"
+    backward: ClassVar[str] = "local"
     description: ClassVar[str] = "collaborative Forward-Forward: each layer's loss uses the whole net's goodness"
     paper: ClassVar[str] = (
         "Lorberbom, Gat, Adi, Schwing & Hazan 2024 (AAAI), Layer Collaboration in the Forward-Forward Algorithm"

@@ -190,6 +190,7 @@ class ScalableForwardForward(Rule):
     """
 
     name: ClassVar[str] = "ff_conv"
+    backward: ClassVar[str] = "local"
     description: ClassVar[str] = "Scalable Forward-Forward: per-class goodness of conv layers or ResNet blocks"
     paper: ClassVar[str] = "Krutsylo 2025, Scalable Forward-Forward Algorithm (arXiv:2501.03176)"
     defaults: ClassVar[dict[str, Any]] = {

@@ -8,7 +8,7 @@ gradient ever crosses a layer. Two variants (``variant``):
 - ``"ff"``, Forward-Forward with label appending (paper §3.1): the one-hot label is appended to the
   features of the training nodes (a uniform vector ``1/C`` to every other node). The positive graph
   carries the true labels, each negative graph a random wrong label per training node. A layer's
-  goodness is the sum of its squared outputs; its loss the logistic loss of ``goodness - theta``, target 1
+  goodness is the sum of its squared outputs; its loss the logistic loss of ``goodness - threshold``, target 1
   for positives and 0 for negatives (Hinton 2022, Eq. 1). Prediction appends each candidate label in
   turn to the nodes being classified and picks the label with the largest goodness (mean square,
   summed over layers). The model's first layer takes ``F + C`` inputs (:meth:`ForwardGNN.input_features`).
@@ -29,14 +29,13 @@ convergence; with one optimizer step per layer per epoch the per-layer updates a
 Data contract (see :mod:`forwardlearn.data.graphs`): ``inputs`` is a whole
 :class:`~forwardlearn.data.graphs.Graph`, ``targets = graph.targets()`` holds the labels the rule may use
 and ``IGNORE`` elsewhere. ``predict(model, graph)`` scores every node and uses only the labels of
-``graph.train_mask`` as context. :func:`train_graph` is the full-batch training loop for graph rules
-(``backprop`` included).
+``graph.train_mask`` as context. :func:`forwardlearn.training.graph.train_graph` is the full-batch
+training loop for graph rules (``backprop`` included).
 """
 
 from __future__ import annotations
 
 import math
-import time
 from collections.abc import Callable
 from typing import Any, ClassVar
 
@@ -46,8 +45,7 @@ from torch import Tensor, nn
 
 from ..data.graphs import Graph, normalized_adjacency
 from ..models.gnn import GNN, GraphConv
-from ..train import History, NonFiniteError, make_optimizer, resolve_device
-from .base import LossFn, Rule, accumulate_grad, check_finite, register, trainable_parameters
+from .base import LossFn, Rule, accumulate_grad, check_finite, register
 
 VARIANTS = ("ff", "sf")
 
@@ -76,7 +74,7 @@ class ForwardGNN(Rule):
         variant: ``"sf"`` (single forward with virtual class nodes) or ``"ff"`` (Forward-Forward with
             label appending).
         top_down: ``"sf"`` only: each layer's loss also sees the outputs of the layers above it.
-        theta: ``"ff"``: goodness threshold (the reference uses 2.0).
+        threshold: ``"ff"``: goodness threshold (the reference calls it theta and uses 2.0).
         negatives: ``"ff"``: wrong labels per training node and step (``None``: all ``C - 1``).
         temperature: ``"sf"``: divides the node-to-class-node logits.
         bidirectional: ``"sf"``: edges run both ways between training nodes and their class node
@@ -87,6 +85,7 @@ class ForwardGNN(Rule):
     """
 
     name: ClassVar[str] = "forward_gnn"
+    backward: ClassVar[str] = "local"
     description: ClassVar[str] = "ForwardGNN: layer-local forward learning of GNNs (label-appending FF, single forward)"
     paper: ClassVar[str] = "Park et al. 2024, Forward Learning of Graph Neural Networks (ICLR 2024)"
     defaults: ClassVar[dict[str, Any]] = {
@@ -104,7 +103,7 @@ class ForwardGNN(Rule):
         self,
         variant: str = "sf",
         top_down: bool = False,
-        theta: float = 2.0,
+        threshold: float = 2.0,
         negatives: int | None = None,
         temperature: float = 1.0,
         bidirectional: bool = True,
@@ -119,8 +118,8 @@ class ForwardGNN(Rule):
             raise ValueError(f"top_down must be True or False, got {top_down!r}")
         if top_down and variant != "sf":
             raise ValueError(f"top_down=True needs variant='sf', got variant={variant!r}")
-        if not (isinstance(theta, (int, float)) and not isinstance(theta, bool) and math.isfinite(theta)):
-            raise ValueError(f"theta must be a finite number, got {theta!r}")
+        if not (isinstance(threshold, (int, float)) and not isinstance(threshold, bool) and math.isfinite(threshold)):
+            raise ValueError(f"threshold must be a finite number, got {threshold!r}")
         if negatives is not None and (isinstance(negatives, bool) or not isinstance(negatives, int) or negatives < 1):
             raise ValueError(f"negatives must be a positive integer or None, got {negatives!r}")
         if not (isinstance(temperature, (int, float)) and not isinstance(temperature, bool) and temperature > 0):
@@ -131,7 +130,7 @@ class ForwardGNN(Rule):
             raise ValueError(f"unlabeled must be 'uniform' or 'zero', got {unlabeled!r}")
         self.variant = variant
         self.top_down = top_down
-        self.theta = float(theta)
+        self.threshold = float(threshold)
         self.negatives = negatives
         self.temperature = float(temperature)
         self.bidirectional = bidirectional
@@ -150,9 +149,9 @@ class ForwardGNN(Rule):
         return GNN(self.input_features(graph), hidden or list(self.defaults["hidden"]), None, kind=kind)
 
     @classmethod
-    def default_model(cls, shape: tuple[int, ...], classes: int) -> nn.Module:
+    def model_spec(cls) -> dict[str, Any]:
         """Head-less GCN for the default ``"sf"`` variant on ``shape = (F,)`` node features."""
-        return GNN(int(shape[-1]), list(cls.defaults["hidden"]), None)
+        return {"name": "gnn", "hidden": list(cls.defaults["hidden"]), "head": False}
 
     def attach(self, model: nn.Module) -> nn.Module:
         layers = graph_layers(model)
@@ -272,7 +271,7 @@ class ForwardGNN(Rule):
         total = 0.0
         for i, conv in enumerate(layers):
             outs = [F.relu(conv(l2_normalize(h.detach()), adj)) for h in inputs]
-            logits = [o[known].pow(2).sum(1) - self.theta for o in outs]
+            logits = [o[known].pow(2).sum(1) - self.threshold for o in outs]
             loss_pos = F.binary_cross_entropy_with_logits(logits[0], torch.ones_like(logits[0]))
             loss_neg = torch.stack([F.binary_cross_entropy_with_logits(z, torch.zeros_like(z))
                                     for z in logits[1:]]).mean()
@@ -308,7 +307,7 @@ class ForwardGNN(Rule):
         score = torch.zeros(h.shape[0], device=h.device)
         for conv in layers:
             h = F.relu(conv(l2_normalize(h), adj))
-            score += h.pow(2).mean(1) - self.theta
+            score += h.pow(2).mean(1) - self.threshold
         return score
 
     def _predict_ff(self, layers: list[GraphConv], graph: Graph, context: Tensor) -> Tensor:
@@ -350,67 +349,4 @@ class ForwardGNN(Rule):
         self.virtual_features = v.detach().clone() if v is not None else None
 
 
-# --- full-batch training of graph rules ----------------------------------------------------------
-@torch.no_grad()
-def node_accuracy(rule: Rule, model: nn.Module, graph: Graph, mask: Tensor) -> float:
-    """Fraction of the nodes in ``mask`` that ``rule.predict`` classifies as ``graph.y``."""
-    was = model.training
-    model.eval()
-    pred = rule.predict(model, graph).argmax(1)
-    model.train(was)
-    m = mask & (graph.y >= 0)
-    return float((pred[m] == graph.y[m]).float().mean()) if bool(m.any()) else float("nan")
-
-
-def train_graph(
-    model: nn.Module,
-    rule: Rule,
-    graph: Graph,
-    *,
-    optimizer: torch.optim.Optimizer | str = "adam",
-    lr: float = 0.01,
-    weight_decay: float = 0.0,
-    epochs: int = 100,
-    seed: int = 0,
-    device: str | torch.device | None = None,
-    eval_every: int = 1,
-) -> History:
-    """Full-batch node classification: one ``rule.grads(model, graph, graph.targets())`` step per epoch.
-
-    Works for every rule that accepts a :class:`Graph` (``backprop`` with a ``GNN`` that has a head,
-    ``forward_gnn`` with a head-less one). Returns a :class:`~forwardlearn.train.History` with ``loss``,
-    ``seconds`` (training time of the epoch) and, every ``eval_every`` epochs, ``train_acc``,
-    ``val_acc``, ``test_acc``. ``seed`` seeds dropout (torch's global stream, restored afterwards).
-    """
-    if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs <= 0:
-        raise ValueError(f"epochs must be a positive integer, got {epochs!r}")
-    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every <= 0:
-        raise ValueError(f"eval_every must be a positive integer, got {eval_every!r}")
-    dev = resolve_device(device)
-    graph = graph.to(dev)
-    model = rule.attach(model.to(dev))
-    if isinstance(optimizer, str):
-        optimizer = make_optimizer(optimizer, trainable_parameters(model), lr, weight_decay=weight_decay)
-    targets = graph.targets()
-    history = History()
-    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
-        torch.manual_seed(seed)
-        model.train()
-        for epoch in range(1, epochs + 1):
-            t0 = time.perf_counter()
-            optimizer.zero_grad(set_to_none=True)
-            loss = rule.grads(model, graph, targets)
-            if not math.isfinite(loss):
-                raise NonFiniteError(f"non-finite loss {loss} at epoch {epoch}")
-            optimizer.step()
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            record: dict[str, float] = {"epoch": epoch, "loss": loss, "seconds": time.perf_counter() - t0}
-            if epoch % eval_every == 0 or epoch == epochs:
-                for split, mask in (("train", graph.train_mask), ("val", graph.val_mask), ("test", graph.test_mask)):
-                    record[f"{split}_acc"] = node_accuracy(rule, model, graph, mask)
-            history.epochs.append(record)
-    return history
-
-
-__all__ = ["ForwardGNN", "graph_layers", "l2_normalize", "node_accuracy", "train_graph"]
+__all__ = ["ForwardGNN", "graph_layers", "l2_normalize"]

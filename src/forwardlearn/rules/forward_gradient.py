@@ -36,11 +36,11 @@ from ..forward_only.local import (
     perturbed_units,
     save_inputs,
 )
-from .base import LossFn, Rule, check_finite, check_int, register, trainable_parameters
+from .base import LossFn, Rule, SeedScalarRule, check_finite, check_int, register, trainable_parameters
 
 
 @register
-class ForwardGradient(Rule):
+class ForwardGradient(SeedScalarRule):
     """Forward gradient, weight perturbation (Baydin et al. 2022, Sec. 3, Eq. 1 and Theorem 1).
 
     For ``K = directions`` tangents ``v_k`` over all trained parameters (``E[v v^T] = I``), one
@@ -80,6 +80,7 @@ class ForwardGradient(Rule):
     """
 
     name: ClassVar[str] = "forward_gradient"
+    backward: ClassVar[str] = "none"
     description: ClassVar[str] = "forward gradient: (grad . v) v from forward-mode AD along random weight tangents"
     paper: ClassVar[str] = "Baydin, Pearlmutter, Syme, Wood & Torr 2022, Gradients without Backpropagation"
     #: digits: the estimator's variance grows with the number of weights, hence a narrow net and K = 32
@@ -257,6 +258,7 @@ class ActivityForwardGradient(Rule):
     """
 
     name: ClassVar[str] = "activity_forward_gradient"
+    backward: ClassVar[str] = "none"
     description: ClassVar[str] = "forward gradient with tangents on layer outputs, weights updated from local inputs"
     paper: ClassVar[str] = "Ren, Kornblith, Liao & Hinton 2022, Scaling Forward Gradient With Local Losses"
     defaults: ClassVar[dict[str, Any]] = {

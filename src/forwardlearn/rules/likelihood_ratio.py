@@ -74,6 +74,7 @@ class UnifiedLikelihoodRatio(Rule):
     """
 
     name: ClassVar[str] = "ulr"
+    backward: ClassVar[str] = "none"
     description: ClassVar[str] = "likelihood ratio: score-function gradient from noise on pre-activations, one forward"
     paper: ClassVar[str] = ("Jiang, Zhang, Zhou, Yu & Liu 2024, One Forward is Enough for Neural Network "
                             "Training via Likelihood Ratio Method")

@@ -116,6 +116,7 @@ class LocalForwardGradient(Rule):
     """
 
     name: ClassVar[str] = "local_forward_gradient"
+    backward: ClassVar[str] = "local"
     description: ClassVar[str] = "forward gradient along the gradient of a per-block auxiliary loss"
     paper: ClassVar[str] = ("Fournier, Rivaud, Belilovsky, Eickenberg & Oyallon 2023, "
                             "Can Forward Gradient Match Backpropagation?")

@@ -35,6 +35,7 @@ MLP is trained the same way (forward-forward without physical layers).
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -95,6 +96,7 @@ class ModelFreeForwardForward(Rule):
     """
 
     name: ClassVar[str] = "model_free_ff"
+    backward: ClassVar[str] = "local"
     description: ClassVar[str] = ("forward-forward training of digital layers between black-box physical layers, "
                                   "no model of the physics")
     paper: ClassVar[str] = ("Momeni, Rahmani, Mallejac, del Hougne & Fleury 2023, Backpropagation-free training of "
@@ -127,13 +129,16 @@ class ModelFreeForwardForward(Rule):
         self.label_scale = float(label_scale)
         self.patterns: Tensor | None = None
         self.classes = classes or 0
+        #: ``hook(k, loss_k) -> loss_k`` applied to block ``k``'s local loss before its gradient (locality tests)
+        self.local_loss_hook: Callable[[int, Tensor], Tensor] | None = None
 
     @classmethod
-    def default_model(cls, shape: tuple[int, ...], classes: int) -> nn.Module:
-        """A simulated optical front end (256 outputs, noise 0.01) followed by ``defaults["hidden"]`` digital layers."""
-        from ..physical import physical_network
+    def model_spec(cls) -> dict[str, Any]:
+        """A simulated optical front end (256 outputs, noise 0.01) followed by ``defaults["hidden"]`` digital layers.
 
-        return physical_network(math.prod(shape), cls.defaults["hidden"], 256, every_layer=False)
+        The built network records ``classes`` (attribute ``classes``, see the ``physical`` model), so that
+        predictions have a column for every class even before a batch has shown the highest label."""
+        return {"name": "physical", "hidden": list(cls.defaults["hidden"]), "physical_width": 256}
 
     # --- helpers ------------------------------------------------------------------------------
     def _patterns(self, features: int, classes: int, device: torch.device, dtype: torch.dtype) -> Tensor:
@@ -181,7 +186,7 @@ class ModelFreeForwardForward(Rule):
         blocks = blocks_of(model)
         x = inputs.flatten(1)
         n = x.shape[0]
-        self.classes = classes = max(self.classes, int(targets.max()) + 1)
+        self.classes = classes = max(self.classes, int(getattr(model, "classes", 0)), int(targets.max()) + 1)
         E = self._patterns(x.shape[1], classes, x.device, x.dtype)
         g = self.generator(x.device)
         wrong = (targets + torch.randint(1, classes, (n,), generator=g, device=x.device)) % classes
@@ -196,6 +201,8 @@ class ModelFreeForwardForward(Rule):
                 if act is not None:
                     out = act(out)
                 loss = self._local_loss(self._goodness(i, out), n)
+                if self.local_loss_hook is not None:
+                    loss = self.local_loss_hook(i, loss)
                 for p, gr in zip(params, torch.autograd.grad(loss, params)):
                     accumulate_grad(p, gr)
             total += check_finite(loss.detach(), f"local loss of block {i}")
@@ -208,7 +215,7 @@ class ModelFreeForwardForward(Rule):
         """Goodness summed over the blocks, for every candidate label: scores ``(N, C)``."""
         blocks = blocks_of(model)
         x = inputs.flatten(1)
-        classes = self.classes
+        classes = max(self.classes, int(getattr(model, "classes", 0)))
         if classes < 2:
             raise ValueError("model_free_ff cannot predict before it has been trained (or given classes=)")
         E = self._patterns(x.shape[1], classes, x.device, x.dtype)

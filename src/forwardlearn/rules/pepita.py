@@ -40,23 +40,11 @@ from torch import Tensor, nn
 
 from ..blocks import call_model, first_tensor
 from ..forward_only.local import FORMULA, NORMS, accumulate_layer, has_formula, layer_weight_grads
+from ..models.basic import he_uniform_
 from .base import LossFn, Rule, accumulate_grad, check_finite, register
 from .forward_forward import mlp_blocks
 
 __all__ = ["Pepita", "he_uniform_", "lr_schedule"]
-
-
-def he_uniform_(model: nn.Module, generator: torch.Generator | None = None) -> nn.Module:
-    """The papers' initialisation: every ``Linear`` weight ``U(-sqrt(6/fan_in), sqrt(6/fan_in))``, biases 0."""
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.Linear):
-                limit = math.sqrt(6.0 / m.in_features)
-                w = torch.rand(m.weight.shape, generator=generator, dtype=m.weight.dtype) * 2 - 1
-                m.weight.copy_(w * limit)
-                if m.bias is not None:
-                    m.bias.zero_()
-    return model
 
 
 def lr_schedule(epochs: int, milestones: tuple[float, ...] = (0.6, 0.9), gamma: float = 0.1
@@ -105,6 +93,7 @@ class Pepita(Rule):
     """
 
     name: ClassVar[str] = "pepita"
+    backward: ClassVar[str] = "none"
     description: ClassVar[str] = "PEPITA: second forward pass on the input modulated by the projected output error"
     paper: ClassVar[str] = (
         "Dellaferrera & Kreiman 2022 (ICML), Error-driven Input Modulation: Solving the Credit Assignment "
@@ -152,9 +141,9 @@ class Pepita(Rule):
         self._walk: tuple[Any, tuple[list[nn.Module], nn.Linear]] | None = None
 
     @classmethod
-    def default_model(cls, shape: tuple[int, ...], classes: int) -> nn.Module:
+    def model_spec(cls) -> dict[str, Any]:
         """The MLP of ``defaults`` with the papers' He-uniform initialisation and zero biases."""
-        return he_uniform_(super().default_model(shape, classes))
+        return {**super().model_spec(), "init": "he_uniform"}
 
     # --- feedback -------------------------------------------------------------------------------
     def _layers(self, model: nn.Module) -> tuple[list[nn.Module], nn.Linear]:

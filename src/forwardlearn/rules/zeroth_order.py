@@ -9,13 +9,22 @@ from torch import Tensor, nn
 
 from ..forward_only.directions import Directions, accumulate_directions, draw_seeds, flat_view
 from ..forward_only.forward_mode import BATCHED_LIMIT
-from .base import LossFn, Rule, check_finite, check_int, check_positive, register, trainable_parameters
+from .base import (
+    LossFn,
+    NonFiniteError,
+    SeedScalarRule,
+    check_finite,
+    check_int,
+    check_positive,
+    register,
+    trainable_parameters,
+)
 
 DIFFERENCES = ("central", "forward")
 
 
 @register
-class ZerothOrderSPSA(Rule):
+class ZerothOrderSPSA(SeedScalarRule):
     """Simultaneous-perturbation stochastic approximation (Spall 1992) in the memory-efficient form of
     MeZO (Malladi et al. 2023, Algorithm 1) and BAFFLE (Feng et al. 2023, Sec. 3, one-sided differences).
 
@@ -59,6 +68,7 @@ class ZerothOrderSPSA(Rule):
     """
 
     name: ClassVar[str] = "zo_spsa"
+    backward: ClassVar[str] = "none"
     description: ClassVar[str] = "zeroth-order SPSA: loss differences along seeded random perturbations (MeZO)"
     paper: ClassVar[str] = ("Malladi et al. 2023, Fine-Tuning Language Models with Just Forward Passes (MeZO); "
                             "Feng et al. 2023, Does Federated Learning Really Need Backpropagation? (BAFFLE)")
@@ -67,6 +77,7 @@ class ZerothOrderSPSA(Rule):
         "optimizer": "adam", "lr": 1e-2, "epochs": 20, "batch_size": 64, "hidden": [16], "model": "mlp",
     }
     forward_only: ClassVar[bool] = True
+    supports_fused: ClassVar[bool] = True
 
     def __init__(self, directions: int = 32, eps: float = 1e-3, difference: str = "central",
                  distribution: str = "rademacher", loss: LossFn | None = None, seed: int | None = None) -> None:
@@ -105,9 +116,10 @@ class ZerothOrderSPSA(Rule):
             try:
                 loss = self._batched(model, inputs, targets, seeds, scalars)
                 return seeds, scalars, loss, None
-            except (RuntimeError, NotImplementedError) as e:  # e.g. a layer vmap cannot batch: go in place
-                if "non-finite" in str(e):
-                    raise
+            except NonFiniteError:
+                raise
+            except (RuntimeError, NotImplementedError):  # e.g. a layer vmap cannot batch: go in place
+                pass
         base = self._loss(model, inputs, targets) if self.difference == "forward" else 0.0
         losses = []
         pending: tuple[int, float] | None = None
