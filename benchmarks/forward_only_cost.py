@@ -44,7 +44,7 @@ RULES: dict[str, dict[str, Any]] = {
     "forward_gradient+rank1": {"directions": 1, "tangent": "rank1"},
     "activity_forward_gradient": {"directions": 1},
     "local_forward_gradient": {},
-    "ulr": {"copies": 8},  # time and activation memory grow linearly with the copies
+    "ulr": {"directions": 8},  # time and activation memory grow linearly with the noisy copies
     "zo_spsa": {"directions": 1},
     "zo_spsa+lowrank": {"directions": 1, "perturbation": "lowrank"},
 }

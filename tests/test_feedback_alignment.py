@@ -329,7 +329,7 @@ def test_dfa_on_cnn_feeds_the_pooled_block_outputs():
     torch.testing.assert_close(net[0].weight.grad, gw)
 
 
-def test_dfa_needs_sequential():
+def test_dfa_takes_any_model_and_names_itself_in_errors():
     class Net(nn.Module):
         def __init__(self) -> None:
             super().__init__()
@@ -338,8 +338,9 @@ def test_dfa_needs_sequential():
         def forward(self, x):
             return self.fc(x)
 
-    with pytest.raises(ValueError, match="nn.Sequential"):
-        fl.get_rule("dfa", seed=0).attach(Net())
+    fl.get_rule("dfa", seed=0).attach(Net())  # block hooks: no nn.Sequential needed (tests/test_architectures.py)
+    with pytest.raises(ValueError, match=r"dfa: blocks= names \['fc2'\]"):
+        fl.get_rule("dfa", blocks=["fc2"], seed=0).attach(Net())
 
 
 # --- the contract -----------------------------------------------------------------------------------

@@ -191,9 +191,11 @@ def test_bad_options_raise_value_error_naming_the_value(opts: dict, match: str) 
         fl.get_rule("pepita", **opts)
 
 
-def test_non_mlp_models_are_refused() -> None:
-    with pytest.raises(ValueError, match="MLP"):
-        fl.get_rule("pepita").attach(fl.models.cnn(1, classes=10, input_size=8))
+def test_non_mlp_models_take_the_hooked_passes_but_not_mirroring() -> None:
+    # conv nets run through layer hooks now (tests/test_architectures.py); weight mirroring stays MLP-only
+    fl.get_rule("pepita").attach(fl.models.cnn(1, classes=10, input_size=8))
+    with pytest.raises(ValueError, match="pepita: mirror=True .* needs an MLP"):
+        fl.get_rule("pepita", mirror=True).attach(fl.models.cnn(1, classes=10, input_size=8))
 
 
 @pytest.mark.slow

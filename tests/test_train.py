@@ -135,7 +135,7 @@ def _cli(*args, **kw):
     [
         (["train", "--rule", "nope"], "unknown rule 'nope'"),
         (["train", "--rule", "backprop", "--data", "nodata"], "unknown data set 'nodata'"),
-        (["train", "--rule", "backprop", "--model", "transformer"], "unknown model 'transformer'"),
+        (["train", "--rule", "backprop", "--model", "nosuchmodel"], "unknown model 'nosuchmodel'"),
         (["train", "--rule", "backprop", "--epochs", "0"], "--epochs must be a positive int"),
         (["train", "--rule", "backprop", "--batch-size", "-4"], "--batch-size must be a positive int"),
         (["train", "--rule", "backprop", "--hidden", "10,,x"], "--hidden must be comma-separated"),

@@ -19,7 +19,7 @@ HELP = "train a model with a learning rule (checkpoint every epoch, --resume con
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rule", required=True, help="learning rule (see `forwardlearn rules`)")
-    p.add_argument("--model", default=None, help="mlp | cnn (default: the rule's)")
+    p.add_argument("--model", default=None, help="mlp | cnn | rescnn | transformer (default: the rule's)")
     p.add_argument("--hidden", default=None, help="hidden widths, e.g. 500,500 (default: the rule's)")
     p.add_argument("--activation", default="relu")
     p.add_argument("--epochs", type=positive(int, "--epochs"), default=None)

@@ -8,7 +8,7 @@
 """
 
 from .directions import CHUNK, DISTRIBUTIONS, Directions, accumulate_directions, draw_seeds, flat_view, mix_seed
-from .forward_mode import BATCHED_LIMIT, RankOne, jvp_loss, per_example_directional, sequential_jvp
+from .forward_mode import BATCHED_LIMIT, RankOne, jvp_loss, math_attention, per_example_directional, sequential_jvp
 from .local import PERTURBABLE, accumulate_layer, give_grad, layer_weight_grads, perturbable_layers
 from .lowrank import LowRank, plan
 
@@ -27,6 +27,7 @@ __all__ = [
     "give_grad",
     "jvp_loss",
     "layer_weight_grads",
+    "math_attention",
     "mix_seed",
     "per_example_directional",
     "perturbable_layers",

@@ -7,16 +7,28 @@ directional derivatives of a batch loss.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from typing import Any, NamedTuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..data.batches import Inputs, call_model, logits_of
 from ..rules.base import LossFn, trainable_parameters
+
+
+@contextmanager
+def math_attention() -> Iterator[None]:
+    """Run ``scaled_dot_product_attention`` on its math kernel, which forward-mode AD can differentiate
+    (torch 2.13 has no forward-mode rule for the fused CPU flash-attention kernel; the math kernel is
+    composed of ordinary ops). Attention layers such as ``nn.MultiheadAttention`` then work under
+    ``torch.autograd.forward_ad`` and ``torch.func.jvp``."""
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
 
 
 class RankOne(NamedTuple):
@@ -235,7 +247,7 @@ def jvp_loss(
             for m in names:
                 handles.append(m.register_forward_pre_hook(pre))
                 handles.append(m.register_forward_hook(post, with_kwargs=True))
-            with fwAD.dual_level():
+            with fwAD.dual_level(), math_attention():
                 if eager:
                     for m in owned:
                         swap(m)

@@ -1,22 +1,46 @@
-"""Per-layer local gradients: the weight gradient of one ``Linear``/``Conv2d`` layer from its own input and
-an output signal, by the layer's own formula (no autograd). Activity-perturbed and likelihood-ratio rules
-build their weight updates from these.
+"""Local gradients: the parameter gradient of one layer or block from its own input and an output signal.
+
+Activity-perturbed and likelihood-ratio rules estimate ``dL/d(output)`` of every perturbed unit and turn it
+into parameter gradients here:
+
+- ``Linear``, ``Conv2d`` and the normalisation layers (``BatchNorm1d/2d``, ``LayerNorm``) by the layer's
+  own formula (no autograd, forward-only);
+- any other unit (a residual block, a transformer layer, an attention module) by its vector-Jacobian
+  product with the estimated output gradient: the unit is re-run on its saved input with autograd on, so
+  reverse mode stays inside that unit (local), never across units.
 """
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
+from ..blocks import BlockSpec, first_tensor, select_blocks
 from ..rules.base import accumulate_grad
 
 PERTURBABLE = (nn.Linear, nn.Conv2d)
+NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
+#: units whose parameter gradient has a closed form here (forward-only)
+FORMULA = (*PERTURBABLE, *NORMS)
+
+
+def has_formula(m: nn.Module) -> bool:
+    """A layer of :data:`FORMULA`, or a module with its own ``local_weight_grads(x, g) -> {name: grad}``."""
+    return isinstance(m, FORMULA) or callable(getattr(m, "local_weight_grads", None))
+
+
+def _own(m: nn.Module) -> list[str]:
+    return [k for k, p in m._parameters.items() if p is not None and p.requires_grad]
+
 
 def perturbable_layers(model: nn.Module, rule: str) -> list[tuple[str, nn.Module]]:
     """The ``Linear``/``Conv2d`` layers of ``model``; any other layer with trained parameters is an error."""
     out = []
     for name, m in model.named_modules():
-        own = [k for k, p in m._parameters.items() if p is not None and p.requires_grad]
+        own = _own(m)
         if not own:
             continue
         if not isinstance(m, PERTURBABLE):
@@ -24,13 +48,101 @@ def perturbable_layers(model: nn.Module, rule: str) -> list[tuple[str, nn.Module
                 f"{rule} perturbs the outputs of Linear and Conv2d layers only; layer {name!r} "
                 f"({type(m).__name__}) has trained parameters {own}"
             )
-        if isinstance(m, nn.Conv2d) and (isinstance(m.padding, str) or m.padding_mode != "zeros"):
-            raise ValueError(f"{rule}: layer {name!r} uses padding={m.padding!r}/{m.padding_mode!r}; "
-                             "only numeric zero padding is supported")
+        _check_conv(m, name, rule)
         out.append((name, m))
     if not out:
         raise ValueError(f"{rule}: the model has no Linear or Conv2d layer with trained parameters")
     return out
+
+
+def _check_conv(m: nn.Module, name: str, rule: str) -> None:
+    if isinstance(m, nn.Conv2d) and (isinstance(m.padding, str) or m.padding_mode != "zeros"):
+        raise ValueError(f"{rule}: layer {name!r} uses padding={m.padding!r}/{m.padding_mode!r}; "
+                         "only numeric zero padding is supported")
+
+
+def perturbed_units(model: nn.Module, rule: str, blocks: BlockSpec = None) -> list[tuple[str, nn.Module]]:
+    """The units whose outputs a perturbation rule perturbs, in ``named_modules`` order.
+
+    The blocks chosen by ``blocks`` (:func:`forwardlearn.blocks.select_blocks`; default: residual blocks,
+    transformer layers, else ``Linear``/``Conv2d``) that hold trained parameters, plus every other module
+    that owns trained parameters outside them (a normalisation layer, an attention module, an embedding).
+    On an MLP or a plain CNN these are exactly its ``Linear``/``Conv2d`` layers. Parameters that belong
+    to the forward of ``model`` itself (outside every submodule) are an error.
+    """
+    chosen = select_blocks(model, blocks, rule)
+    inside = {id(c) for _, b in chosen for c in b.modules()}
+    ids = {id(m) for _, m in chosen}
+    root = _own(model)
+    if root and id(model) not in ids:
+        raise ValueError(f"{rule}: parameters {root} are used by {type(model).__name__}.forward itself, outside any "
+                         "layer or block, so no perturbed output covers them; move them into a submodule")
+    out = []
+    for name, m in model.named_modules():
+        if id(m) in ids:
+            if any(p.requires_grad for p in m.parameters()):
+                out.append((name, m))
+        elif id(m) not in inside and _own(m):
+            out.append((name, m))
+    for name, m in out:
+        _check_conv(m, name, rule)
+    if not out:
+        raise ValueError(f"{rule}: the model has no layer or block with trained parameters")
+    return out
+
+
+def couples_examples(model: nn.Module) -> bool:
+    """True when a batch-norm layer normalises with the statistics of the batch (training mode, or no running
+    statistics): one example's perturbation then reaches every example's output."""
+    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
+               for m in model.modules())
+
+
+class Saved(NamedTuple):
+    """What a unit's forward hook keeps for its local gradient: the unit, its (primal, detached) inputs,
+    and for re-run units the random-number state before it ran and its buffers after."""
+
+    module: nn.Module
+    args: tuple
+    kwargs: dict
+    rng: Tensor | None
+
+
+def primal(value: Any) -> Any:
+    """``value`` with every tensor replaced by its detached primal (forward-mode tangents dropped)."""
+    if isinstance(value, Tensor):
+        return fwAD.unpack_dual(value).primal.detach()
+    if isinstance(value, tuple):
+        return tuple(primal(v) for v in value)
+    if isinstance(value, list):
+        return [primal(v) for v in value]
+    if isinstance(value, dict):
+        return {k: primal(v) for k, v in value.items()}
+    return value
+
+
+def save_inputs(m: nn.Module, args: tuple, kwargs: dict, rng: Tensor | None) -> Saved:
+    """A :class:`Saved` record; formula layers keep only their input tensor."""
+    if has_formula(m):
+        return Saved(m, (primal(args[0]),), {}, None)
+    return Saved(m, primal(args), primal(kwargs), rng)
+
+
+def _norm_hat(module: nn.Module, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """The normalised input ``x_hat`` of a normalisation layer and the dims its affine parameters sum over."""
+    if isinstance(module, nn.LayerNorm):
+        k = len(module.normalized_shape)
+        dims = tuple(range(x.dim() - k, x.dim()))
+        mean = x.mean(dims, keepdim=True)
+        var = x.var(dims, unbiased=False, keepdim=True)
+        return (x - mean) * torch.rsqrt(var + module.eps), tuple(range(x.dim() - k))
+    dims = (0, *range(2, x.dim()))
+    shape = (1, -1, *([1] * (x.dim() - 2)))
+    if module.training or module.running_mean is None:
+        mean, var = x.mean(dims), x.var(dims, unbiased=False)
+    else:
+        mean, var = module.running_mean, module.running_var
+    return (x - mean.view(shape)) * torch.rsqrt(var.view(shape) + module.eps), dims
 
 
 def layer_weight_grads(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Tensor]:
@@ -38,7 +150,9 @@ def layer_weight_grads(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Ten
 
     ``Linear``: ``g^T x`` and ``sum_n g``; ``Conv2d``: the weight-gradient convolution of ``x`` with
     ``g`` (``torch.nn.grad.conv2d_weight``, a single kernel call, no autograd) and ``sum g`` over batch
-    and space. This is the local part of a layer's update: input and output signal of one layer only.
+    and space; ``BatchNorm``/``LayerNorm`` (``y = x_hat w + b``): ``sum g x_hat`` and ``sum g`` over every
+    dimension but the normalised features' (batch statistics in training mode, as in the forward pass).
+    This is the local part of a layer's update: input and output signal of one layer only.
     """
     out: dict[str, Tensor] = {}
     if isinstance(module, nn.Linear):
@@ -52,9 +166,41 @@ def layer_weight_grads(module: nn.Module, x: Tensor, g: Tensor) -> dict[str, Ten
         )
         if module.bias is not None:
             out["bias"] = g.sum((0, 2, 3))
-    else:  # pragma: no cover - guarded by perturbable_layers
-        raise ValueError(f"no local weight gradient for {type(module).__name__}")
+    elif isinstance(module, NORMS):
+        x_hat, dims = _norm_hat(module, x)
+        if module.weight is not None:
+            out["weight"] = (g * x_hat).sum(dims)
+        if module.bias is not None:
+            out["bias"] = g.sum(dims)
+    else:
+        raise ValueError(f"no local weight gradient formula for {type(module).__name__}")
     return out
+
+
+def local_grads(saved: Saved, g: Tensor) -> dict[str, Tensor]:
+    """Gradient of ``sum(g * unit(inputs))`` w.r.t. the unit's trained parameters (keys: names inside it).
+
+    :data:`FORMULA` layers use :func:`layer_weight_grads`, modules with ``local_weight_grads`` their own; any
+    other unit is re-run on its saved inputs with
+    autograd on and differentiated by reverse mode *inside the unit only*; its buffers (batch-norm running
+    statistics) are put back afterwards and its random-number state is the one it ran with.
+    """
+    m = saved.module
+    if isinstance(m, FORMULA):
+        return layer_weight_grads(m, saved.args[0], g)
+    if has_formula(m):
+        return m.local_weight_grads(saved.args[0], g)
+    named = [(k, p) for k, p in m.named_parameters() if p.requires_grad]
+    buffers = {k: b.clone() for k, b in m.named_buffers()}
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
+        if saved.rng is not None:
+            torch.set_rng_state(saved.rng)
+        out = first_tensor(m(*saved.args, **saved.kwargs))
+        grads = torch.autograd.grad(out, [p for _, p in named], g.to(out.dtype), allow_unused=True)
+    with torch.no_grad():
+        for k, b in m.named_buffers():
+            b.copy_(buffers[k])
+    return {k: gr for (k, _), gr in zip(named, grads) if gr is not None}
 
 
 def give_grad(p: nn.Parameter, g: Tensor) -> None:
@@ -69,7 +215,11 @@ def give_grad(p: nn.Parameter, g: Tensor) -> None:
 def accumulate_layer(module: nn.Module, grads: dict[str, Tensor]) -> None:
     """``p.grad += g`` for every named local gradient of ``module`` (see :func:`give_grad`)."""
     for k, g in grads.items():
-        p = module._parameters[k]
+        p = module._parameters[k] if "." not in k else module.get_parameter(k)
         if p is not None and p.requires_grad:
             give_grad(p, g)
 
+
+__all__ = ["FORMULA", "NORMS", "PERTURBABLE", "Saved", "accumulate_layer", "couples_examples", "give_grad",
+           "has_formula", "layer_weight_grads", "local_grads", "perturbable_layers", "perturbed_units", "primal",
+           "save_inputs"]

@@ -6,6 +6,7 @@ from .gnn import GNN, GraphConv, gnn
 from .harsanyi import HarsanyiNet
 from .registry import MODELS, from_spec, register_model
 from .resnet import BasicBlock, ResNet, resnet, resnet18
+from .zoo import PositionEmbedding, RowTransformer, rescnn, transformer
 
 __all__ = [
     "ACTIVATIONS",
@@ -15,7 +16,9 @@ __all__ = [
     "GNN",
     "GraphConv",
     "HarsanyiNet",
+    "PositionEmbedding",
     "ResNet",
+    "RowTransformer",
     "activation_module",
     "build",
     "cnn",
@@ -25,5 +28,7 @@ __all__ = [
     "mlp",
     "register_model",
     "resnet",
+    "rescnn",
     "resnet18",
+    "transformer",
 ]

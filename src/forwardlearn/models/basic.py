@@ -104,17 +104,23 @@ def he_uniform_(model: nn.Module, generator: torch.Generator | None = None) -> n
     return model
 
 
+#: the names :func:`build` knows
+BUILD_NAMES = ("cnn", "mlp", "rescnn", "transformer")
+
+
 def build(
     name: str,
     shape: Sequence[int],
     classes: int,
     hidden: Sequence[int] | None = None,
     activation: str = "relu",
-) -> nn.Sequential:
+) -> nn.Module:
     """Build a model by name for inputs of ``shape`` (one example, e.g. ``(1, 28, 28)``).
 
     ``mlp`` takes ``hidden`` widths (default ``[256]``); ``cnn`` needs image inputs ``(C, H, W)`` and uses
-    ``hidden`` as its fully connected widths (default ``(120, 84)``).
+    ``hidden`` as its fully connected widths (default ``(120, 84)``); ``rescnn`` (conv stem, BatchNorm, one residual
+    block) and ``transformer`` (image rows as tokens, one encoder layer) need images and ignore ``hidden``
+    (see :mod:`.zoo`).
     """
     if name == "mlp":
         features = 1
@@ -126,4 +132,11 @@ def build(
             raise ValueError(f"model 'cnn' needs image inputs (C, H, W), this data set has shape {tuple(shape)}")
         c, h, w = shape
         return cnn(c, tuple(hidden) if hidden else (120, 84), classes, input_size=(h, w), activation=activation)
-    raise ValueError(f"unknown model {name!r}; valid: cnn, mlp")
+    if name in ("rescnn", "transformer"):
+        if len(shape) != 3:
+            raise ValueError(f"model {name!r} needs image inputs (C, H, W), this data set has shape {tuple(shape)}")
+        from .zoo import rescnn, transformer
+
+        c, h, w = shape
+        return rescnn(c, classes) if name == "rescnn" else transformer(c, h, w, classes)
+    raise ValueError(f"unknown model {name!r}; valid: {', '.join(BUILD_NAMES)}")

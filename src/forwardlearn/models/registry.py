@@ -43,6 +43,18 @@ def _cnn(spec: dict[str, Any], shape: tuple[int, ...], classes: int) -> nn.Modul
     return build("cnn", shape, classes, spec.get("hidden"), spec.get("activation", "relu"))
 
 
+@register_model("rescnn")
+def _rescnn(spec: dict[str, Any], shape: tuple[int, ...], classes: int) -> nn.Module:
+    """Conv stem + BatchNorm + one residual block + linear head (:mod:`.zoo`); images ``(C, H, W)``."""
+    return build("rescnn", shape, classes)
+
+
+@register_model("transformer")
+def _transformer(spec: dict[str, Any], shape: tuple[int, ...], classes: int) -> nn.Module:
+    """Image rows as tokens through one transformer encoder layer (:mod:`.zoo`); images ``(C, H, W)``."""
+    return build("transformer", shape, classes)
+
+
 @register_model("convergent")
 def _convergent(spec: dict[str, Any], shape: tuple[int, ...], classes: int) -> nn.Module:
     return ConvergentNet(math.prod(shape), list(spec["hidden"]), classes)

@@ -225,12 +225,13 @@ class Rule:
 
     def __init__(self, loss: LossFn | None = None, seed: int | None = None) -> None:
         if loss is not None and not callable(loss):
-            raise ValueError(f"loss must be callable loss(outputs, targets), got {type(loss).__name__}")
+            raise ValueError(f"{self.name or type(self).__name__}: loss must be callable loss(outputs, targets), "
+                             f"got {type(loss).__name__}")
         self.loss: LossFn = loss if loss is not None else F.cross_entropy
         if seed is None:
             seed = int(torch.randint(0, 2**62, (1,)).item())
         if not isinstance(seed, int) or seed < 0:
-            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+            raise ValueError(f"{self.name or type(self).__name__}: seed must be a non-negative int, got {seed!r}")
         self.seed = seed
         self._generators: dict[str, torch.Generator] = {}
         self.steps = 0

@@ -18,8 +18,9 @@ rule; outside it the layers differentiate exactly, so the reference gradient of
 non-persistent buffers of those layers (PFA's ``R`` is a parameter) and are saved in the *rule's*
 ``state_dict``.
 
-DFA uses no backward chain at all: each block (a weighted layer and the activation/pooling after it)
-runs on a detached input, and its output receives ``e B_l`` where ``e`` is the output error.
+DFA uses no backward chain across blocks: each chosen block (by default every residual block, transformer
+layer, else every weighted layer; :mod:`forwardlearn.blocks`) runs on a detached input, and the tensor it
+hands on receives ``e B_l`` where ``e`` is the output error.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from __future__ import annotations
 import math
 import threading
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, ClassVar
 
@@ -35,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..blocks import BlockSpec, cut_forward, select_blocks
 from .base import Rule, accumulate_grad, check_finite, register
 
 __all__ = [
@@ -307,9 +309,9 @@ def dfa_feedback(model: nn.Module) -> dict[int, Tensor]:
 
 
 # --- the rules --------------------------------------------------------------------------------------
-def _check_scale(scale: float) -> float:
+def _check_scale(scale: float, rule: str) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale > 0 and math.isfinite(scale)):
-        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+        raise ValueError(f"{rule}: scale must be a positive finite number, got {scale!r}")
     return float(scale)
 
 
@@ -361,7 +363,7 @@ class _LayerFeedbackRule(_TrackedFeedback):
 
     def __init__(self, scale: float = 1.0, loss: Any = None, seed: int | None = None) -> None:
         super().__init__(loss=loss, seed=seed)
-        self.scale = _check_scale(scale)
+        self.scale = _check_scale(scale, self.name)
         self._pending_bounds: dict[str, float] = {}
 
     @property
@@ -531,7 +533,7 @@ class SignSymmetry(_LayerFeedbackRule):
 
     def __init__(self, variant: str = "usf", scale: float = 1.0, loss: Any = None, seed: int | None = None) -> None:
         if variant not in ("usf", "brsf", "frsf"):
-            raise ValueError(f"variant must be 'usf', 'brsf' or 'frsf', got {variant!r}")
+            raise ValueError(f"sign_symmetry: variant must be 'usf', 'brsf' or 'frsf', got {variant!r}")
         super().__init__(scale=scale, loss=loss, seed=seed)
         self.variant = variant
 
@@ -576,10 +578,10 @@ class ProductFeedbackAlignment(_LayerFeedbackRule):
     def __init__(self, expand_ratio: int = 10, weight_decay: float = 1e-3, scale: float = 1.0, loss: Any = None,
                  seed: int | None = None) -> None:
         if isinstance(expand_ratio, bool) or not isinstance(expand_ratio, int) or expand_ratio < 1:
-            raise ValueError(f"expand_ratio must be a positive integer, got {expand_ratio!r}")
+            raise ValueError(f"pfa: expand_ratio must be a positive integer, got {expand_ratio!r}")
         if (isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float))
                 or not (weight_decay >= 0 and math.isfinite(weight_decay))):
-            raise ValueError(f"weight_decay must be a non-negative finite number, got {weight_decay!r}")
+            raise ValueError(f"pfa: weight_decay must be a non-negative finite number, got {weight_decay!r}")
         super().__init__(scale=scale, loss=loss, seed=seed)
         self.expand_ratio = expand_ratio
         self.weight_decay = float(weight_decay)
@@ -620,33 +622,48 @@ class ProductFeedbackAlignment(_LayerFeedbackRule):
 
 @register
 class DFA(_TrackedFeedback):
-    """Direct feedback alignment (Nøkland 2016, NeurIPS): ``delta a_l = (B_l e) * f'(a_l)``.
+    """Direct feedback alignment (Nøkland 2016, NeurIPS): ``delta a_l = (B_l e) * f'(a_l)``; on transformers
+    as in Launay, Poli, Boniface & Krzakala 2020 (NeurIPS), "Direct Feedback Alignment Scales to Modern Deep
+    Learning Tasks and Architectures".
 
-    The model (an ``nn.Sequential``) is run block by block on detached inputs, so no gradient crosses
-    a layer boundary. The output layer gets its exact gradient from ``e = dL/dy``; every hidden block's
-    output ``h_l`` gets ``e B_l`` with a fixed random ``B_l`` (``classes x units``, Xavier-uniform entries
-    ``U(-a, a)``, ``a = s sqrt(6 / (classes + units))`` as in BioTorch, so that wide early layers do not
-    receive larger signals than backprop would give them), so ``delta a_l = (e B_l) * f'(a_l)`` inside the block
-    (through the activation and any pooling). ``B_l`` is created at the first :meth:`grads` call, when
-    the block sizes are known, and stored on the model as buffer ``dfa_feedback_<l>``.
+    The model is cut at the input of every chosen block (``blocks=``, see
+    :func:`forwardlearn.blocks.select_blocks`; default: every residual block and transformer layer, else
+    every ``Linear``/``Conv2d``): each block runs on a detached input (a forward pre-hook), so no gradient
+    crosses a block boundary. A segment is a block plus what runs after it up to the next block's input
+    (activation, pooling, normalisation); the tensor ``h_l`` entering the next block receives ``e B_l``,
+    where ``e = dL/dy`` is the output error, and autograd runs inside the segment only (local). The last
+    segment (the output layer) gets its exact gradient from ``e``. ``B_l`` is fixed and random
+    (``classes x units``, Xavier-uniform ``U(-a, a)``, ``a = s sqrt(6 / (classes + units))`` as in
+    BioTorch, so that wide early layers do not receive larger signals than backprop would give them);
+    for a token sequence ``(N, T, E)`` one ``B_l`` (``classes x E``) serves every token, so the number of
+    tokens may vary. ``B_l`` is created at the first :meth:`grads` call, when the sizes are known, and
+    stored on the model as buffer ``dfa_feedback_<l>`` (``l`` counts cuts in execution order). On an
+    ``nn.Sequential`` MLP this is Nøkland's DFA layer by layer.
+
+    ``local_loss_hook(k, loss_k) -> loss_k``: if set, applied to segment ``k``'s local objective
+    ``sum(h_k * e B_k)`` (the last segment's: the loss) before its backward pass (used by the locality tests).
     """
 
     name: ClassVar[str] = "dfa"
     backward: ClassVar[str] = "local"
     description: ClassVar[str] = "direct feedback alignment: the output error sent to each layer by fixed random maps"
     paper: ClassVar[str] = ("Nøkland 2016, Direct Feedback Alignment Provides Learning in Deep Neural Networks, "
-                            "NeurIPS")
+                            "NeurIPS; Launay et al. 2020, Direct Feedback Alignment Scales to Modern Deep "
+                            "Learning Tasks and Architectures, NeurIPS")
     defaults: ClassVar[dict[str, Any]] = {
         "optimizer": "adam", "lr": 1e-3, "epochs": 20, "batch_size": 64, "hidden": [256], "model": "mlp",
     }
     forward_only: ClassVar[bool] = False  # autograd inside each block (and through the loss) only
 
-    def __init__(self, scale: float = 1.0, loss: Any = None, seed: int | None = None) -> None:
+    def __init__(self, scale: float = 1.0, blocks: BlockSpec = None, loss: Any = None,
+                 seed: int | None = None) -> None:
         super().__init__(loss=loss, seed=seed)
-        self.scale = _check_scale(scale)
+        self.scale = _check_scale(scale, self.name)
+        self.blocks = blocks
+        self.local_loss_hook: Callable[[int, Tensor], Tensor] | None = None
 
     def attach(self, model: nn.Module) -> nn.Module:
-        dfa_blocks(model)  # validates the structure
+        select_blocks(model, self.blocks, self.name)  # validates the choice
         fresh = not dfa_feedback(model)
         if fresh and self._pending:
             self._load_feedback(model, self._pending)
@@ -678,30 +695,28 @@ class DFA(_TrackedFeedback):
             b = model._buffers[name]
         return b
 
+    def signal(self, model: nn.Module, i: int, e: Tensor, h: Tensor) -> Tensor:
+        """``e B_i`` shaped like ``h`` (the tensor entering the next block; tokens share ``B_i``)."""
+        e2 = e.reshape(e.shape[0], -1)
+        if h.dim() == 3:  # (N, T, E): one feedback for every token
+            b = self._feedback_for(model, i, e2.shape[1], h.shape[-1], h)
+            return (e2 @ b.to(e2.dtype)).unsqueeze(1).expand_as(h)
+        b = self._feedback_for(model, i, e2.shape[1], h[0].numel(), h)
+        return (e2 @ b.to(e2.dtype)).view_as(h)
+
     def grads(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
         if self._model() is None:
             self._model_ref = weakref.ref(model)
-        blocks = dfa_blocks(model)
-        h = inputs
-        outs = []
-        for block in blocks:
-            h = h.detach()  # nothing flows back into the previous block
-            for m in block:
-                h = m(h)
-            outs.append(h)
-        y = outs[-1]
+        y, cuts = cut_forward(model, inputs, select_blocks(model, self.blocks, self.name))
         loss = self.loss(y, targets)
         value = check_finite(loss.detach(), "loss")
-        (e,) = torch.autograd.grad(loss, y)  # the output error: through the loss function only
-        n = y.shape[0]
-        e2 = e.reshape(n, -1)
-        tensors, signals = [y], [e]
-        for i, hl in enumerate(outs[:-1]):
-            if not hl.requires_grad:
-                continue
-            b = self._feedback_for(model, i, e2.shape[1], hl[0].numel(), hl)
-            tensors.append(hl)
-            signals.append((e2 @ b.to(e2.dtype)).view_as(hl))
-        torch.autograd.backward(tensors, signals)
+        hook = self.local_loss_hook
+        (e,) = torch.autograd.grad(loss, y, retain_graph=hook is not None)  # the output error, through the loss only
+        signals = [self.signal(model, i, e, h) for i, (_, h) in enumerate(cuts)]
+        if hook is None:
+            torch.autograd.backward([y, *(h for _, h in cuts)], [e, *signals])
+        else:
+            local = [hook(i, (h * s).sum()) for i, ((_, h), s) in enumerate(zip(cuts, signals))]
+            torch.autograd.backward([*local, hook(len(cuts), loss)])
         self.steps += 1
         return value

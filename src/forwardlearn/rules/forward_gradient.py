@@ -16,7 +16,8 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from ..data.batches import logits_of
+from ..blocks import BlockSpec, first_tensor, replace_first
+from ..data.batches import call_model, logits_of
 from ..forward_only.directions import Directions, accumulate_directions, draw_seeds, flat_view
 from ..forward_only.forward_mode import (
     BATCHED_LIMIT,
@@ -25,9 +26,18 @@ from ..forward_only.forward_mode import (
     Tangent,
     functional_call,
     jvp_loss,
+    math_attention,
     per_example_directional,
 )
-from ..forward_only.local import accumulate_layer, layer_weight_grads, perturbable_layers
+from ..forward_only.local import (
+    Saved,
+    accumulate_layer,
+    couples_examples,
+    has_formula,
+    local_grads,
+    perturbed_units,
+    save_inputs,
+)
 from .base import LossFn, Rule, SeedScalarRule, check_finite, check_int, register, trainable_parameters
 
 
@@ -164,7 +174,8 @@ class ForwardGradient(SeedScalarRule):
         def one(*ts: Tensor) -> tuple[Tensor, Tensor]:
             return torch.func.jvp(loss_of, primals, ts)
 
-        values, d = torch.func.vmap(one)(*tangents)
+        with math_attention():
+            values, d = torch.func.vmap(one)(*tangents)
         return float(values[0].detach()), d.detach().to(torch.float64).cpu()
 
     def apply(self, model: nn.Module, seeds: list[int], scalars: Tensor) -> None:
@@ -227,15 +238,24 @@ class ActivityForwardGradient(Rule):
     """Forward gradient with activity perturbation (Ren, Kornblith, Liao & Hinton 2022, Sec. 3, "activity
     perturbation"; the "activity" guess of Fournier et al. 2023).
 
-    Every ``Linear``/``Conv2d`` output ``z_l`` gets a tangent ``u_l ~ N(0, I)`` per example, added to the
-    tangent flowing in from earlier layers; one forward-mode pass then gives, for each example ``n``,
+    Every perturbed unit's output ``z_l`` gets a tangent ``u_l ~ N(0, I)`` per example, added to the
+    tangent flowing in from earlier units; one forward-mode pass then gives, for each example ``n``,
     ``d_n = sum_l dL/dz_l[n] . u_l[n]`` (per-example directional derivatives of the batch loss, see
-    :func:`per_example_directional`). ``d_n u_l[n]`` is an unbiased estimate of ``dL/dz_l[n]``, and the
-    weight estimate is the layer's local formula ``sum_n (d_n u_l[n]) x_l[n]^T`` with the layer's own
-    input ``x_l`` (:func:`layer_weight_grads`). The noise has the dimension of the activations, not of
-    the weights: far lower variance than weight perturbation. Assumes examples do not interact inside
-    the model (no batch norm in training mode). ``directions=K`` averages ``K`` independent passes
-    (default 4, tuned for ``digits``; the paper uses 1).
+    :func:`per_example_directional`). ``d_n u_l[n]`` is an unbiased estimate of ``dL/dz_l[n]``, turned into
+    the unit's parameter gradient locally (:func:`~forwardlearn.forward_only.local.local_grads`): for a
+    ``Linear``/``Conv2d`` layer by its own formula ``sum_n (d_n u_l[n]) x_l[n]^T`` with its input ``x_l``
+    (also for ``BatchNorm``/``LayerNorm``), for any other unit by the vector-Jacobian product of that unit
+    alone (reverse mode inside the unit, never across units). The noise has the dimension of the
+    activations, not of the weights: far lower variance than weight perturbation.
+
+    Units: the blocks chosen by ``blocks`` (:func:`forwardlearn.blocks.select_blocks`; default every
+    residual block and transformer layer, else every ``Linear``/``Conv2d``) plus every other module with
+    trained parameters outside them (:func:`~forwardlearn.forward_only.local.perturbed_units`); on an MLP or
+    CNN exactly its ``Linear``/``Conv2d`` layers, and the rule is then forward-only. When batch norm
+    normalises with batch statistics (:func:`~forwardlearn.forward_only.local.couples_examples`), one
+    example's tangent reaches every example's loss, so every example uses the batch's directional derivative
+    ``d = sum_n d_n`` instead of its own (unbiased again, at a higher variance). ``directions=K`` averages
+    ``K`` independent passes (default 4, tuned for ``digits``; the paper uses 1).
     """
 
     name: ClassVar[str] = "activity_forward_gradient"
@@ -247,27 +267,33 @@ class ActivityForwardGradient(Rule):
     }
     forward_only: ClassVar[bool] = True
 
-    def __init__(self, directions: int = 4, loss: LossFn | None = None, seed: int | None = None) -> None:
+    def __init__(self, directions: int = 4, blocks: BlockSpec = None, loss: LossFn | None = None,
+                 seed: int | None = None) -> None:
         super().__init__(loss=loss, seed=seed)
-        self.directions = check_int(directions, "directions")
+        self.directions = check_int(directions, f"{self.name}: directions")
+        self.blocks = blocks
 
     def grads(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
-        layers = perturbable_layers(model, self.name)
+        units = perturbed_units(model, self.name, self.blocks)
+        coupled = couples_examples(model)
         gen = self.generator(inputs.device)
         loss = float("nan")
         for _ in range(self.directions):
-            saved: list[tuple[nn.Module, Tensor, Tensor]] = []
+            saved: list[tuple[Saved, Tensor]] = []
+            rngs: dict[int, Tensor] = {}
 
-            def hook(m: nn.Module, args: Any, out: Tensor, saved: list = saved) -> Tensor:
-                primal, tan = fwAD.unpack_dual(out)
+            def hook(m: nn.Module, args: Any, kwargs: Any, out: Any, saved: list = saved, rngs: dict = rngs) -> Any:
+                primal, tan = fwAD.unpack_dual(first_tensor(out))
                 u = torch.randn(primal.shape, generator=gen, dtype=primal.dtype, device=primal.device)
-                saved.append((m, fwAD.unpack_dual(args[0]).primal.detach(), u))
-                return fwAD.make_dual(primal, u if tan is None else tan + u)
+                saved.append((save_inputs(m, args, kwargs, rngs.pop(id(m), None)), u))
+                return replace_first(out, fwAD.make_dual(primal, u if tan is None else tan + u))
 
-            handles = [m.register_forward_hook(hook) for _, m in layers]
+            handles = [m.register_forward_hook(hook, with_kwargs=True) for _, m in units]
+            handles += [m.register_forward_pre_hook(lambda m, a, r=rngs: r.__setitem__(id(m), torch.get_rng_state()))
+                        for _, m in units if not has_formula(m)]
             try:
-                with torch.no_grad(), fwAD.dual_level():
-                    out = model(inputs)
+                with torch.no_grad(), fwAD.dual_level(), math_attention():
+                    out = first_tensor(call_model(model, inputs))
                     primal, tan = fwAD.unpack_dual(out)
             finally:
                 for h in handles:
@@ -277,10 +303,12 @@ class ActivityForwardGradient(Rule):
             with torch.no_grad():
                 loss = check_finite(self.loss(primal, targets), "loss")
                 d = per_example_directional(self.loss, primal.detach(), targets, tan.detach())
-                while saved:  # one layer at a time, its inputs and tangents freed as we go
-                    m, x, u = saved.pop()
+                if coupled:  # every example's tangent reaches every output: the batch's derivative for all
+                    d = d.sum().expand_as(d)
+                while saved:  # one unit at a time, its inputs and tangents freed as we go
+                    rec, u = saved.pop()
                     g = u.mul_(d.view(-1, *([1] * (u.dim() - 1))) / self.directions)
-                    accumulate_layer(m, layer_weight_grads(m, x, g))
-                    del m, x, u, g
+                    accumulate_layer(rec.module, local_grads(rec, g))
+                    del rec, u, g
         self.steps += 1
         return loss

@@ -16,6 +16,16 @@ Per batch (Dellaferrera & Kreiman 2022, Algorithm 1; the update equations of Sri
 No reverse-mode pass runs across the network. The only derivative taken is of the loss with respect to
 the network's output vector, ``e = N * dL/dy`` (for the default cross-entropy exactly
 ``softmax(y) - onehot``, the paper's softmax output error).
+
+Any other feed-forward model (convolutional nets, which both papers also train; residual nets,
+transformers) takes the same two passes with forward hooks on its layers: every ``Linear``/``Conv2d`` (and
+any module with a ``local_weight_grads(x, g)`` method) gets ``g_l = z_l - z_l^mod``, the difference of its
+*own output* between the two passes (before the activation, as the activation is not a layer one can hook
+in general), and the output layer ``g_L = e``; the update is the layer's local formula with its modulated
+input (:func:`~forwardlearn.forward_only.local.layer_weight_grads`). Parameters of other modules are not
+trained by this rule and keep ``.grad = None``: normalisation layers stay at their initial scale and shift
+(their difference signal made training unstable in our runs), and attention's input projection, which
+``nn.MultiheadAttention`` applies without calling a submodule, stays at its initialisation.
 """
 
 from __future__ import annotations
@@ -28,6 +38,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..blocks import first_tensor
+from ..data.batches import call_model
+from ..forward_only.local import FORMULA, NORMS, accumulate_layer, has_formula, layer_weight_grads
 from ..models.basic import he_uniform_
 from .base import LossFn, Rule, accumulate_grad, check_finite, register
 from .forward_forward import mlp_blocks
@@ -48,13 +61,14 @@ def lr_schedule(epochs: int, milestones: tuple[float, ...] = (0.6, 0.9), gamma: 
 
 def _number(v: Any, what: str, positive: bool = False) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (positive and v == 0):
-        raise ValueError(f"{what} must be a {'positive' if positive else 'non-negative'} number, got {v!r}")
+        raise ValueError(f"pepita: {what} must be a {'positive' if positive else 'non-negative'} number, got {v!r}")
     return float(v)
 
 
 @register
 class Pepita(Rule):
-    """PEPITA on the library's MLP: two forward passes, the second on the error-modulated input.
+    """PEPITA: two forward passes, the second on the error-modulated input (on MLPs exactly the papers'
+    rule; on other feed-forward models through layer hooks, see the module docstring).
 
     Args:
         feedback_scale: scale of the projection matrix ``F`` (``d_in x C``). Fixed ``F``: entries
@@ -63,7 +77,7 @@ class Pepita(Rule):
             that gives ``F`` the std ``feedback_scale * sqrt(2/d_in)`` (as in Srinivasan et al. 2023).
         weight_decay: L2 weight decay added to the weights' update (the "PEPITA + weight decay" variant;
             the later paper uses 1e-4).
-        mirror: learn ``F`` by weight mirroring (Akrout et al. 2019, as in Srinivasan et al. 2023):
+        mirror: (MLPs only) learn ``F`` by weight mirroring (Akrout et al. 2019, as in Srinivasan et al. 2023):
             layer ``l``'s feedback matrix ``B_l`` moves towards ``E[x f(W_l x)^T]`` for zero-mean
             noise ``x`` (so towards ``W_l^T``), with weight decay, and ``F = B_1 ... B_L`` is rescaled to
             its initial std after each mirroring step.
@@ -113,14 +127,14 @@ class Pepita(Rule):
         self.feedback_scale = _number(feedback_scale, "feedback_scale", positive=True)
         self.weight_decay = _number(weight_decay, "weight_decay")
         if not isinstance(mirror, bool):
-            raise ValueError(f"mirror must be True or False, got {mirror!r}")
+            raise ValueError(f"pepita: mirror must be True or False, got {mirror!r}")
         self.mirror = mirror
         self.mirror_lr = _number(mirror_lr, "mirror_lr", positive=True)
         self.mirror_weight_decay = _number(mirror_weight_decay, "mirror_weight_decay")
         self.mirror_noise = _number(mirror_noise, "mirror_noise", positive=True)
         for key, val, low in (("mirror_every", mirror_every, 1), ("premirror_steps", premirror_steps, 0)):
             if isinstance(val, bool) or not isinstance(val, int) or val < low:
-                raise ValueError(f"{key} must be an integer >= {low}, got {val!r}")
+                raise ValueError(f"pepita: {key} must be an integer >= {low}, got {val!r}")
         self.mirror_every = mirror_every
         self.premirror_steps = premirror_steps
         #: the feedback: ``[F]`` (``d_in x C``) when fixed, ``[B_1, ..., B_L]`` when mirrored
@@ -193,11 +207,95 @@ class Pepita(Rule):
             b.mul_(scale)
 
     # --- the contract ---------------------------------------------------------------------------
+    def _is_mlp(self, model: nn.Module) -> bool:
+        try:
+            self._layers(model)
+        except ValueError:
+            return False
+        return True
+
     def attach(self, model: nn.Module) -> nn.Module:
-        self._check_feedback(model)
+        if self._is_mlp(model):
+            self._check_feedback(model)
+        else:
+            if self.mirror:
+                raise ValueError(f"pepita: mirror=True (weight mirroring) needs an MLP of Linear layers, got "
+                                 f"{type(model).__name__}")
+            self._units(model)
         return model
 
+    def _units(self, model: nn.Module) -> list[nn.Module]:
+        units = [m for m in model.modules() if has_formula(m) and not isinstance(m, NORMS)
+                 and any(p.requires_grad for p in m.parameters(recurse=False))]
+        if not units:
+            raise ValueError(f"pepita: {type(model).__name__} has no Linear or Conv2d layer to train")
+        return units
+
+    def _output_error(self, out: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+        """``(loss, e)`` with ``e = N dL/dy``: a derivative with respect to the output vector only."""
+        n = out.shape[0]
+        if self.loss is F.cross_entropy and targets.dtype == torch.long and targets.dim() == 1:
+            with torch.no_grad():
+                logp = torch.log_softmax(out, 1)
+                loss = F.nll_loss(logp, targets)
+                e = logp.exp_()
+                e[torch.arange(n, device=e.device), targets] -= 1.0  # softmax(y) - onehot
+            return loss, e
+        y = out.detach().requires_grad_(True)
+        with torch.enable_grad():
+            loss = self.loss(y, targets)
+            (e,) = torch.autograd.grad(loss, y)
+        return loss, e * n
+
+    def _grads_hooked(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
+        """Any feed-forward model: both passes with hooks on the layers (module docstring)."""
+        units = self._units(model)
+        n = inputs.shape[0]
+        rec: list[list[tuple[nn.Module, Tensor, Tensor]]] = [[], []]
+        which = [0]
+
+        def hook(m: nn.Module, args: Any, out: Any) -> None:
+            rec[which[0]].append((m, args[0].detach(), first_tensor(out).detach()))
+
+        handles = [m.register_forward_hook(hook) for m in units]
+        try:
+            with torch.no_grad():
+                out = first_tensor(call_model(model, inputs)).detach()
+            loss, e = self._output_error(out, targets)
+            value = check_finite(loss.detach(), "loss")
+            d_in, classes = inputs[0].numel(), e.shape[1]
+            if [tuple(f.shape) for f in self.feedback] != [(d_in, classes)]:
+                if self.feedback:
+                    raise ValueError(f"pepita: this rule's feedback matrix {tuple(self.feedback[0].shape)} does not "
+                                     f"fit the model (needs {(d_in, classes)}); use a fresh rule per model")
+                limit = math.sqrt(6.0 / d_in) * self.feedback_scale
+                self.feedback = [(torch.rand(d_in, classes, generator=self.generator("cpu")) * 2 - 1) * limit]
+            f = self.feedback[0].to(e.device, e.dtype)
+            buffers = {k: b.clone() for k, b in model.named_buffers()}  # the second pass leaves no statistics
+            which[0] = 1
+            with torch.no_grad():
+                call_model(model, inputs - (e @ f.t()).view_as(inputs))
+                for k, b in model.named_buffers():
+                    b.copy_(buffers[k])
+        finally:
+            for h in handles:
+                h.remove()
+        if [m for m, _, _ in rec[0]] != [m for m, _, _ in rec[1]]:
+            raise ValueError("pepita: the two passes ran different layers; the model must be feed-forward")
+        with torch.no_grad():
+            for (m, _, z), (_, xm, zm) in zip(rec[0], rec[1]):
+                g = e if z is out or z.data_ptr() == out.data_ptr() else z - zm
+                grads = layer_weight_grads(m, xm, g / n) if isinstance(m, FORMULA) else m.local_weight_grads(xm, g / n)
+                if self.weight_decay and "weight" in grads and grads["weight"].shape == m.weight.shape:
+                    grads["weight"] = grads["weight"].add(m.weight.detach(), alpha=self.weight_decay)
+                accumulate_layer(m, grads)
+        return value
+
     def grads(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
+        if not self._is_mlp(model):
+            value = self._grads_hooked(model, inputs, targets)
+            self.steps += 1
+            return value
         blocks, head = self._layers(model)
         self._check_feedback(model)
         dev = head.weight.device
@@ -211,19 +309,7 @@ class Pepita(Rule):
                 h = block(h)
                 acts.append(h)
             out = head(h)
-        # the output error e = N * dL/dy: a derivative with respect to the output vector only
-        if self.loss is F.cross_entropy and targets.dtype == torch.long and targets.dim() == 1:
-            with torch.no_grad():
-                logp = torch.log_softmax(out, 1)
-                loss = F.nll_loss(logp, targets)
-                e = logp.exp_()
-                e[torch.arange(n, device=e.device), targets] -= 1.0  # softmax(y) - onehot
-        else:
-            y = out.detach().requires_grad_(True)
-            with torch.enable_grad():
-                loss = self.loss(y, targets)
-                (e,) = torch.autograd.grad(loss, y)
-            e = e * n
+        loss, e = self._output_error(out, targets)
         value = check_finite(loss.detach(), "loss")
         mirror_now = self.mirror and (self.steps < self.premirror_steps or self.steps % self.mirror_every == 0)
         if self.steps >= self.premirror_steps:
