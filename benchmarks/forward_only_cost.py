@@ -12,6 +12,8 @@ count, above that child's own baseline. Ratios:
 
 - ``zo_spsa`` fused step (K=1, central) / forward; also the floor ``2 forwards + 3 parameter sweeps``
   (an in-place scalar add over every weight: memory bandwidth only) and the random-number cost;
+- ``zo_spsa`` low-rank fused step (``perturbation="lowrank"``, rank 1: perturbed inside the layers' forwards,
+  one rank-1 update per matrix) / forward and / backprop step, timed in the same rounds as both;
 - each rule's ``grads`` + SGD step / backprop's ``backward`` + SGD step; the forward-mode pass alone
   (tangents given, no ``.grad`` written) / backprop step, the floor of a weight-perturbed forward gradient;
 - peak memory: ``zo_spsa`` fused step / inference, every rule / backprop.
@@ -21,9 +23,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -40,6 +46,7 @@ RULES: dict[str, dict[str, Any]] = {
     "local_forward_gradient": {},
     "ulr": {"copies": 8},  # time and activation memory grow linearly with the copies
     "zo_spsa": {"directions": 1},
+    "zo_spsa+lowrank": {"directions": 1, "perturbation": "lowrank"},
 }
 
 
@@ -88,8 +95,8 @@ def mem_step(widths: list[int], n: int, rule: str, options: dict[str, Any]) -> N
         opt.step()
 
 
-def mem_fused(widths: list[int], n: int) -> None:
-    r = fl.get_rule("zo_spsa", directions=1, seed=0)
+def mem_fused(widths: list[int], n: int, options: dict[str, Any] | None = None) -> None:
+    r = fl.get_rule("zo_spsa", directions=1, seed=0, **(options or {}))
     model = build(widths)
     x, y = batch(widths, n)
     for _ in range(2):
@@ -106,15 +113,17 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--no-memory", action="store_true")
-    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--json", help="also write the results here, and a Markdown table beside it (same name, .md)")
     args = ap.parse_args()
     widths = [int(w) for w in args.widths.split(",")]
     torch.set_num_threads(args.threads)
     model = build(widths)
     params = fl.rules.trainable_parameters(model)
     x, y = batch(widths, args.batch)
-    res: dict[str, Any] = {"widths": widths, "batch": args.batch, "threads": args.threads,
-                           "parameters": sum(p.numel() for p in params)}
+    res: dict[str, Any] = {"command": shlex.join(["python", *sys.argv]), "widths": widths, "batch": args.batch,
+                           "threads": args.threads, "parameters": sum(p.numel() for p in params),
+                           "reps": args.reps, "torch": torch.__version__, "cpus": os.cpu_count(),
+                           "load_average_before": os.getloadavg()[0]}
 
     def forward() -> None:
         with torch.no_grad():
@@ -139,6 +148,15 @@ def main() -> None:
                 buf[: min(CHUNK, f.numel() - s)].normal_()
 
     zo = fl.get_rule("zo_spsa", directions=1, seed=0)
+    zo_lr = fl.get_rule("zo_spsa", directions=1, seed=0, perturbation="lowrank")
+    bp_model = build(widths)
+    bp_opt = torch.optim.SGD(bp_model.parameters(), lr=1e-12)
+
+    def backprop_step() -> None:
+        bp_opt.zero_grad(set_to_none=True)
+        F.cross_entropy(bp_model(x), y).backward()
+        bp_opt.step()
+
     t = round_robin({
         "forward": forward,
         "sweep": sweep,
@@ -146,6 +164,8 @@ def main() -> None:
         "perturb_gaussian": perturb("gaussian"),
         "normal_draw": normal_sweep,
         "zo_fused_step": lambda: zo.fused_step(model, x, y, lr=1e-12),
+        "zo_lowrank_fused_step": lambda: zo_lr.fused_step(model, x, y, lr=1e-12),
+        "backprop_step_same_rounds": backprop_step,
     }, args.reps)
 
     def step_fn(rule: fl.Rule, m: torch.nn.Module) -> Callable[[], None]:
@@ -180,6 +200,8 @@ def main() -> None:
         "normal_ draw of all weights / forward": t["normal_draw"] / fwd,
         "plain sweep / forward": t["sweep"] / fwd,
         "backprop step / forward": t["backprop_step"] / fwd,
+        "zo lowrank fused step / forward": t["zo_lowrank_fused_step"] / fwd,
+        "zo lowrank fused step / backprop step": t["zo_lowrank_fused_step"] / t["backprop_step_same_rounds"],
     }
     res["ratios"]["forward-mode pass alone (tangents given) / backprop step"] = t["jvp_only"] / t["backprop_step"]
     for name in RULES:
@@ -190,11 +212,15 @@ def main() -> None:
         mem: dict[str, int] = {}
         mem["inference"], _ = peak_memory(mem_inference, widths, args.batch, threads=args.threads)
         mem["zo_fused_step"], _ = peak_memory(mem_fused, widths, args.batch, threads=args.threads)
+        mem["zo_lowrank_fused_step"], _ = peak_memory(mem_fused, widths, args.batch, {"perturbation": "lowrank"},
+                                                      threads=args.threads)
         mem["backprop"], _ = peak_memory(mem_step, widths, args.batch, "backprop", {}, threads=args.threads)
         for name, opts in RULES.items():
             mem[name], _ = peak_memory(mem_step, widths, args.batch, name, opts, threads=args.threads)
         res["peak_bytes"] = mem
         res["ratios"]["memory: zo fused step / inference"] = mem["zo_fused_step"] / max(mem["inference"], 1)
+        res["ratios"]["memory: zo lowrank fused step / inference"] = (mem["zo_lowrank_fused_step"]
+                                                                       / max(mem["inference"], 1))
         for name in RULES:
             res["ratios"][f"memory: {name} / backprop"] = mem[name] / max(mem["backprop"], 1)
     for k, v in res["ratios"].items():
@@ -202,9 +228,35 @@ def main() -> None:
     if "peak_bytes" in res:
         for k, v in res["peak_bytes"].items():
             print(f"peak MiB {k:36s} {v / 2**20:9.1f}")
+    res["load_average_after"] = os.getloadavg()[0]
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
+        Path(args.json).with_suffix(".md").write_text(markdown(res))
+
+
+#: the targets of the low-rank step (ratio name -> bound), shown beside the measured values
+TARGETS = {
+    "zo lowrank fused step / forward": 2.2,
+    "zo lowrank fused step / backprop step": 0.85,
+    "memory: zo lowrank fused step / inference": 1.05,
+}
+
+
+def markdown(res: dict[str, Any]) -> str:
+    """The results as a Markdown table of ratios, with the command and the machine's load."""
+    w = "-".join(str(v) for v in res["widths"])
+    out = [f"Command: `{res['command']}`  ",
+           f"MLP {w}, batch {res['batch']}, {res['threads']} threads, medians of {res['reps']} interleaved rounds; "
+           f"torch {res['torch']}, {res['cpus']} CPUs, load average {res['load_average_before']:.1f} before and "
+           f"{res['load_average_after']:.1f} after the run (a shared machine: ratios, not seconds, carry over).",
+           "", "| ratio | measured | target |", "|---|---:|---:|"]
+    for k, v in res["ratios"].items():
+        out.append(f"| {k} | {v:.3f} | {'<= ' + str(TARGETS[k]) if k in TARGETS else ''} |")
+    if "peak_bytes" in res:
+        out += ["", "| peak memory above the process baseline | MiB |", "|---|---:|"]
+        out += [f"| {k} | {v / 2**20:.1f} |" for k, v in res["peak_bytes"].items()]
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":

@@ -90,6 +90,8 @@ def test_bench_arch_covers_rules_fused_steps_baselines_and_skips(monkeypatch):
     assert names[0] == "backprop"
     if "zo_spsa" in rules:
         assert "zo_spsa (fused)" in names
+        assert {"zo_spsa (lowrank)", "zo_spsa (lowrank, fused)"} <= set(names)
+    assert res["baseline"]["rademacher_sweep_vs_forward"] > 0 and res["baseline"]["gaussian_sweep_vs_forward"] > 0
     assert [s["rule"] for s in res["skipped"]] == [_Broken.name]
     assert "TypeError: cannot train this model" in res["skipped"][0]["why"]
     assert [c["segments"] for c in res["checkpoints"]] == [2, 3]

@@ -21,6 +21,9 @@ from forwardlearn.rules.forward_forward import (
     random_negative_labels,
 )
 
+#: the settings the hand-checks below recompute: raw input, label over the first pixels, random negatives
+PLAIN = {"normalize_input": False, "label_mode": "overwrite", "negatives": "random"}
+
 
 def _batch(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
@@ -134,7 +137,7 @@ def test_each_layer_gradient_is_its_own_local_loss_gradient() -> None:
     ref = fl.models.mlp(64, [16, 12, 8], 10)
     ref.load_state_dict(model.state_dict())
     x, y = _batch(20)
-    rule = fl.get_rule("ff", seed=5, threshold=0.5, temperature=3.0)
+    rule = fl.get_rule("ff", seed=5, threshold=0.5, temperature=3.0, **PLAIN)
     state = rule.state_dict()
     rule.grads(model, x, y)
     rule.load_state_dict(state)
@@ -196,7 +199,7 @@ def test_predict_sums_goodness_of_all_but_first_layer() -> None:
 def test_activities_normalise_between_layers() -> None:
     torch.manual_seed(2)
     model = fl.models.mlp(64, [16, 12], 10)
-    rule = fl.get_rule("ff")
+    rule = fl.get_rule("ff", **PLAIN)
     x, y = _batch(4)
     a0, a1 = rule.activities(model, x, y)
     assert torch.allclose(a0, model[2](model[1](embed_label(x, y, 10, "overwrite"))))
@@ -212,11 +215,11 @@ def test_normalize_input_length_normalises_the_first_layer_input() -> None:
     torch.manual_seed(2)
     model = fl.models.mlp(64, [16, 12], 10)
     x, y = _batch(4)
-    a0, a1 = fl.get_rule("ff", normalize_input=True).activities(model, x, y)
+    a0, a1 = fl.get_rule("ff", label_mode="overwrite").activities(model, x, y)
     assert torch.allclose(a0, model[2](model[1](length_normalize(embed_label(x, y, 10, "overwrite")))))
     assert torch.allclose(a1, model[4](model[3](length_normalize(a0))))
-    raw = fl.get_rule("ff").activities(model, x, y)[0]
-    assert not torch.allclose(raw, a0)  # the default still feeds the raw input
+    raw = fl.get_rule("ff", label_mode="overwrite", normalize_input=False).activities(model, x, y)[0]
+    assert not torch.allclose(raw, a0)  # normalize_input=True (the default) normalises, False feeds the raw input
 
 
 def test_peer_normalization_adds_the_matlab_gradient_and_nothing_to_the_loss() -> None:
@@ -227,8 +230,8 @@ def test_peer_normalization_adds_the_matlab_gradient_and_nothing_to_the_loss() -
         model[1].bias[3] = -100.0  # unit 3 of layer 0 is off on every input: only the peer term reaches it
     x, y = _batch(20)
     lam, beta = 0.05, 0.8
-    plain = fl.get_rule("ff", seed=4)
-    peer = fl.get_rule("ff", seed=4, peer_normalization=lam, peer_momentum=beta)
+    plain = fl.get_rule("ff", seed=4, temperature=1.0, **PLAIN)
+    peer = fl.get_rule("ff", seed=4, peer_normalization=lam, peer_momentum=beta, temperature=1.0, **PLAIN)
     l_plain = plain.grads(model, x, y)
     g_plain = _grads(model)
     model.zero_grad(set_to_none=True)
@@ -253,7 +256,7 @@ def test_peer_normalization_adds_the_matlab_gradient_and_nothing_to_the_loss() -
     buf = io.BytesIO()
     torch.save(peer.state_dict(), buf)
     buf.seek(0)
-    again = fl.get_rule("ff", peer_normalization=lam, peer_momentum=beta)
+    again = fl.get_rule("ff", peer_normalization=lam, peer_momentum=beta, **PLAIN)
     again.load_state_dict(torch.load(buf, weights_only=True))
     assert all(torch.equal(a, b) for a, b in zip(again.peer_means, peer.peer_means))
     with pytest.raises(ValueError, match="shape"):  # means of another model are refused, not broadcast
@@ -272,7 +275,7 @@ def test_label_mode_auto_concatenates_when_the_first_layer_has_room() -> None:
 
 def test_readout_is_trained_on_detached_activities_and_predicts() -> None:
     torch.manual_seed(0)
-    rule = fl.get_rule("ff", readout=True, predict_by="readout", seed=0)
+    rule = fl.get_rule("ff", readout=True, predict_by="readout", seed=0, **PLAIN)
     model = rule.attach(fl.models.mlp(64, [16, 12, 8], 10))
     head = rule.readout_module(model)
     assert rule.attach(model) is model and rule.readout_module(model) is head  # idempotent
@@ -287,7 +290,7 @@ def test_readout_is_trained_on_detached_activities_and_predicts() -> None:
     g_with = _grads(model)
     model2 = fl.rules.get_rule("ff", seed=0).attach(fl.models.mlp(64, [16, 12, 8], 10))
     model2.load_state_dict({k: v for k, v in model.state_dict().items() if "ff_readout" not in k})
-    plain = fl.get_rule("ff", seed=0)
+    plain = fl.get_rule("ff", seed=0, **PLAIN)
     plain.grads(model2, x, y)
     for n, g in _grads(model2).items():
         if g is not None:
@@ -331,7 +334,7 @@ def test_cff_gradient_uses_collective_probability() -> None:
     ref = fl.models.mlp(64, [10, 9], 10)
     ref.load_state_dict(model.state_dict())
     x, y = _batch(12)
-    rule = fl.get_rule("cff", seed=2)
+    rule = fl.get_rule("cff", seed=2, temperature=1.0, **PLAIN)
     state = rule.state_dict()
     rule.grads(model, x, y)
     rule.load_state_dict(state)
@@ -399,16 +402,100 @@ def test_activity_sparsity_on_models_and_through_the_rule() -> None:
         fl.diagnostics.activity_sparsity(model, x, tol=1.5)
 
 
-# --- accuracy with the documented defaults (slow) -------------------------------------------------
+# --- out of the box: label placement, scale -------------------------------------------------------
+def test_auto_label_placement_overwrites_blank_pixels_only() -> None:
+    x, y = _batch(16)
+    blank = x.clone()
+    blank.view(16, -1)[:, :10] = 0  # like MNIST's top row
+    rule = fl.get_rule("ff", seed=0)
+    model = rule.attach(fl.models.mlp(64, [16, 16], 10))
+    rule.grads(model, blank, y)
+    assert rule.label_placement == "overwrite" and model[1].in_features == 64
+    assert torch.allclose(rule.activities(model, blank, y)[0],
+                          model[2](model[1](length_normalize(embed_label(blank, y, 10, "overwrite")))))
+
+
+def test_auto_label_placement_puts_the_label_in_front_of_inked_pixels(digits) -> None:
+    (X, y), _ = digits
+    assert bool(X.flatten(1)[:, :10].any())  # the 8x8 digits carry ink in their first ten pixels
+    torch.manual_seed(0)
+    model = fl.models.mlp(64, [16, 16], 10)
+    old_w = model[1].weight.detach().clone()
+    rule = fl.get_rule("ff", seed=0)
+    model = rule.attach(model)
+    param = model[1].weight
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)  # built after attach, before the first batch
+    rule.grads(model, X[:32], y[:32])
+    assert rule.label_placement == "concat"
+    assert model[1].weight is param and param.shape == (16, 74) and param.grad.shape == (16, 74)
+    assert torch.equal(param[:, 10:], old_w)  # the image's own weights are kept; 10 label columns in front
+    opt.step()
+    x = X[:5]
+    want = model[2](model[1](length_normalize(embed_label(x, y[:5], 10, "concat"))))
+    assert torch.allclose(rule.activities(model, x, y[:5])[0], want)
+    assert model(x).shape == (5, 10)  # the model's own forward still takes 64 features (neutral label in front)
+    # resuming: a fresh 64-input model and rule take the widened checkpoint after attach
+    again = fl.get_rule("ff", seed=0)
+    fresh = again.attach(fl.models.mlp(64, [16, 16], 10))
+    fresh.load_state_dict(model.state_dict())
+    again.load_state_dict(rule.state_dict())
+    assert again.label_placement == "concat"
+    assert torch.equal(again.predict(fresh, x), rule.predict(model, x))
+
+
+def test_first_step_is_not_saturated(digits) -> None:
+    """At initialisation every layer's p(positive) is strictly inside (0, 1) on positive and negative data,
+    so negative data get a gradient too (the paper's sum-of-squares logit gives sigmoid exactly 0 here)."""
+    (X, y), _ = digits
+    x, t = X[:256], y[:256]
+
+    def probabilities(rule: fl.rules.Rule) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = rule.attach(fl.models.mlp(64, [256, 256], 10))
+        neg = random_negative_labels(t, 10, torch.Generator().manual_seed(1))
+        acts = rule.activities(model, torch.cat([x, x]), torch.cat([t, neg]))
+        return [torch.sigmoid(positive_logits(h, rule.layer_threshold(h), temperature=rule.layer_temperature(h)))
+                for h in acts]
+
+    for p in probabilities(fl.get_rule("ff", seed=0)):
+        # measured over five init seeds: p between 0.026 and 0.053 on every row of both layers; 1e-3 leaves a
+        # wide margin and still fails the saturated scale (p exactly 0 in float32)
+        assert float(p.min()) > 1e-3 and float(p.max()) < 1 - 1e-3
+    old = probabilities(fl.get_rule("ff", seed=0, temperature=1.0, normalize_input=False, label_mode="overwrite"))
+    assert all(float(p.max()) == 0.0 for p in old)  # the saturation this scale removes
+    # and the first step's gradient reaches every hidden layer, from negative data as well as positive
+    rule = fl.get_rule("ff", seed=0, negatives="random")
+    model = fl.models.mlp(64, [256, 256], 10)
+    rule.grads(model, x, t)
+    for lin in (model[1], model[3]):
+        assert lin.weight.grad is not None and float(lin.weight.grad.abs().sum()) > 0
+
+
+# --- accuracy (slow): means over three seeds -------------------------------------------------------
+def _digits_acc(name: str, digits, seed: int, defaults: bool, **rule_opts) -> float:
+    (X, y), (Xt, yt) = digits
+    cls = fl.rules.rule_class(name)
+    d = cls.defaults if defaults else {"optimizer": "adam", "lr": 1e-3, "epochs": 20, "batch_size": 64}
+    torch.manual_seed(seed)
+    model = cls.default_model((1, 8, 8), 10) if defaults else fl.models.mlp(64, [256, 256], 10)
+    hist = fl.train(model, fl.get_rule(name, seed=seed, **rule_opts), (X, y), (Xt, yt), optimizer=d["optimizer"],
+                    lr=d["lr"], epochs=d["epochs"], batch_size=d["batch_size"], seed=seed, progress=False,
+                    eval_train=False)
+    return hist.final["test_acc"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["ff", "cff"])
-def test_defaults_reach_90_percent_on_digits(name: str, digits) -> None:
-    (X, y), (Xt, yt) = digits
-    torch.set_num_threads(1)
-    cls = fl.rules.rule_class(name)
-    d = cls.defaults
-    torch.manual_seed(0)
-    hist = fl.train(cls.default_model((1, 8, 8), 10), fl.get_rule(name, seed=0), (X, y), (Xt, yt),
-                    optimizer=d["optimizer"], lr=d["lr"], epochs=d["epochs"], batch_size=d["batch_size"],
-                    seed=0, progress=False, eval_train=False)
-    assert hist.final["test_acc"] >= 0.90, hist.column("test_acc")
+def test_adam_1e3_for_20_epochs_reaches_85_percent_on_every_seed(name: str, digits, one_thread) -> None:
+    # measured (seeds 0, 1, 2): ff 0.939 / 0.936 / 0.947, cff 0.961 / 0.958 / 0.961 (before: ff 0.40 with seed 0)
+    accs = [_digits_acc(name, digits, s, defaults=False) for s in range(3)]
+    assert min(accs) >= 0.85, accs
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["ff", "cff"])
+def test_defaults_within_two_points_of_backprop_on_digits(name: str, digits, one_thread) -> None:
+    # measured means over seeds 0-2: backprop 0.969, ff 0.971, cff 0.967; the seeds' sd is about 0.005
+    ours = sum(_digits_acc(name, digits, s, defaults=True) for s in range(3)) / 3
+    bp = sum(_digits_acc("backprop", digits, s, defaults=True) for s in range(3)) / 3
+    assert ours >= bp - 0.02, (ours, bp)

@@ -190,6 +190,27 @@ def load_suite(source: str | Path) -> dict[str, Any]:
     return {"name": name, "description": raw.get("description", ""), "path": path, "runs": out, "skipped": skipped}
 
 
+def with_seeds(suite: dict[str, Any], seeds: int) -> dict[str, Any]:
+    """``suite`` with every run repeated over ``seeds`` seeds: the run's own seed, then seed + 1, ...
+
+    The first copy is the run itself (same id, same directory: earlier results are reused); the others get
+    the seed in their id. Every copy records its run's id as ``group``: the report shows the mean +/- sd
+    of a group, the JSON keeps every seed's run."""
+    if isinstance(seeds, bool) or not isinstance(seeds, int) or seeds < 1:
+        raise ValueError(f"seeds must be a positive integer, got {seeds!r}")
+    runs = []
+    for spec in suite["runs"]:
+        base = spec["id"]
+        for k in range(seeds):
+            s = {**spec, "group": base}
+            if k:
+                s["seed"] = spec["seed"] + k
+                auto = base == _run_id(spec)
+                s["id"] = _run_id(s) if auto else f"{base}-s{s['seed']}"
+            runs.append(s)
+    return {**suite, "runs": runs}
+
+
 def own_model(cls: Any) -> bool:
     """Whether a rule's model spec is more than ``mlp``/``cnn`` with widths (a model kind or an
     initialisation of its own): the suite then trains the rule's default model."""
@@ -198,8 +219,8 @@ def own_model(cls: Any) -> bool:
 
 
 def _training_keys(spec: dict[str, Any]) -> dict[str, Any]:
-    """What decides the training (the paper's number and the note do not)."""
-    return {k: v for k, v in spec.items() if k not in ("paper", "note")}
+    """What decides the training (the paper's number, the note and the seed group do not)."""
+    return {k: v for k, v in spec.items() if k not in ("paper", "note", "group")}
 
 
 def run_directory(work: Path, spec: dict[str, Any]) -> Path:

@@ -39,6 +39,10 @@ from torch import Tensor, nn
 
 #: candidate checkpoint segment counts (those up to the number of modules are used, plus that number)
 SEGMENT_CANDIDATES = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+#: extra rows measured next to a rule's default: ``rule -> [(variant label, options)]``
+VARIANTS: dict[str, list[tuple[str, dict[str, Any]]]] = {
+    "zo_spsa": [("lowrank", {"perturbation": "lowrank"})],
+}
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,8 @@ class Job:
     batch_size: int = 256
     seed: int = 0
     lr: float = 1e-3
+    variant: str = ""  #: a label of ``options`` (see :data:`VARIANTS`)
+    options: tuple[tuple[str, Any], ...] = ()  #: rule options other than the defaults
 
     @property
     def label(self) -> str:
@@ -82,9 +88,8 @@ class Job:
             return "inference forward"
         if self.kind == "checkpoint":
             return f"backprop + checkpoint ({self.segments} segments)"
-        if self.kind == "fused":
-            return f"{self.rule} (fused)"
-        return self.rule
+        tags = [t for t in (self.variant, "fused" if self.kind == "fused" else "") if t]
+        return f"{self.rule} ({', '.join(tags)})" if tags else self.rule
 
 
 @dataclass
@@ -155,7 +160,7 @@ def prepare(job: Job, device: torch.device | str = "cpu") -> tuple[Callable[[], 
             opt.step()
             return float(loss.detach())
         return ckpt_step, model, None
-    rule = get_rule(job.rule, seed=job.seed)
+    rule = get_rule(job.rule, seed=job.seed, **dict(job.options))
     model = rule.attach(model)
     if job.kind == "fused":
         if not rule.supports_fused:
@@ -257,6 +262,21 @@ def interleaved_times(fns: Sequence[Callable[[], Any]], repeats: int, warmup: in
     return out
 
 
+def perturbation_sweeps(forward: Callable[[], Any], model: nn.Module, cfg: CostConfig,
+                        device: torch.device) -> dict[str, float]:
+    """This machine's cost of one seeded perturbation sweep over all weights of the forward job's model
+    (``Directions.add_``, Rademacher and Gaussian), as a ratio to the forward pass timed in the same rounds:
+    the part of a full-perturbation ``zo_spsa`` step that moves most between machines."""
+    from ..forward_only import Directions
+
+    flats = [p.detach().view(-1) for p in model.parameters() if p.is_contiguous()]
+    dirs = {d: Directions(d) for d in ("rademacher", "gaussian")}
+    times = interleaved_times([forward, *(lambda d=d: dirs[d].add_(flats, 12345, 0.0) for d in dirs)],
+                              max(1, cfg.repeats // 2), 1, device)
+    f = statistics.median(times[0])
+    return {f"{d}_sweep_vs_forward": statistics.median(t) / f for d, t in zip(dirs, times[1:])}
+
+
 def segment_counts(model: nn.Module, wanted: Sequence[int] | None = None) -> list[int]:
     """Segment counts to try for a sequential model of ``n`` modules: candidates below ``n``, and ``n``."""
     n = len(model) if isinstance(model, nn.Sequential) else 0
@@ -308,9 +328,11 @@ def jobs_for(arch: Arch, rules: Sequence[str], cfg: CostConfig) -> tuple[list[Jo
         if cls.data_kind != "tensor":
             skipped.append({"rule": name, "why": f"needs {cls.data_kind} data, not a batch of {arch.label} inputs"})
             continue
-        jobs.append(Job(kind="rule", rule=name, **common))
-        if cls.supports_fused:
-            jobs.append(Job(kind="fused", rule=name, **common))
+        for variant, options in [("", {}), *VARIANTS.get(name, [])]:
+            extra = {"variant": variant, "options": tuple(sorted(options.items()))}
+            jobs.append(Job(kind="rule", rule=name, **common, **extra))
+            if cls.supports_fused:
+                jobs.append(Job(kind="fused", rule=name, **common, **extra))
     return jobs, skipped
 
 
@@ -329,7 +351,7 @@ def bench_arch(arch: Arch, rules: Sequence[str], cfg: CostConfig, progress: bool
     common = {"arch": arch, "batch_size": cfg.batch_size, "seed": cfg.seed, "lr": cfg.lr}
     fwd_job = Job(kind="forward", **common)
     bp_job = Job(kind="rule", rule="backprop", **common)
-    fwd_step, _, _ = prepare(fwd_job, device)
+    fwd_step, fwd_model, _ = prepare(fwd_job, device)
     bp_step, bp_model, _ = prepare(bp_job, device)
     rule_jobs, skipped = jobs_for(arch, rules, cfg)
     ckpt_jobs = []
@@ -353,6 +375,7 @@ def bench_arch(arch: Arch, rules: Sequence[str], cfg: CostConfig, progress: bool
         log = bar.write
     fwd_times: list[float] = []
     bp_times: list[float] = []
+    sweeps = perturbation_sweeps(fwd_step, fwd_model, cfg, device)
     inference_peak = peak(fwd_job)
     if bar is not None:
         bar.update(1)
@@ -362,7 +385,7 @@ def bench_arch(arch: Arch, rules: Sequence[str], cfg: CostConfig, progress: bool
     ordered = sorted(rule_jobs, key=lambda j: (j.rule != "backprop" or j.kind != "rule"))
     for job in [*ordered, *ckpt_jobs]:
         row: dict[str, Any] = {"name": job.label, "kind": job.kind, "rule": job.rule if job.kind != "checkpoint"
-                               else "backprop", "segments": job.segments or None}
+                               else "backprop", "segments": job.segments or None, "options": dict(job.options)}
         try:
             step, model, rule = prepare(job, device)
             t_f, t_b, t_r = interleaved_times([fwd_step, bp_step, step], cfg.repeats, cfg.warmup, device)
@@ -375,8 +398,8 @@ def bench_arch(arch: Arch, rules: Sequence[str], cfg: CostConfig, progress: bool
             if job.kind == "rule" and cfg.cosine:
                 from ..rules import get_rule
 
-                al = gradient_alignment(init_model, get_rule(job.rule, seed=cfg.seed + 1), x, y,
-                                        samples=cfg.samples, names=False)
+                scored = get_rule(job.rule, seed=cfg.seed + 1, **dict(job.options))
+                al = gradient_alignment(init_model, scored, x, y, samples=cfg.samples, names=False)
                 row.update({"cosine": al["cosine"], "mean_cosine": al["mean_cosine"], "samples": cfg.samples,
                             "norm_ratio": al["norm_ratio"]})
         except Exception as e:  # noqa: BLE001 - one failing rule must not sink the benchmark
@@ -419,6 +442,7 @@ def bench_arch(arch: Arch, rules: Sequence[str], cfg: CostConfig, progress: bool
             "backprop_seconds": statistics.median(bp_times) if bp_times else None,
             "inference_peak_bytes": inference_peak,
             "backprop_peak_bytes": backprop_peak,
+            **sweeps,
         },
         "rows": rows,
         "checkpoints": checkpoints,

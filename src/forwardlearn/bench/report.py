@@ -111,6 +111,16 @@ def cost_markdown(result: dict[str, Any], images: bool = True, image_prefix: str
     return "\n".join(out) + "\n"
 
 
+def _sweep_line(b: dict[str, Any]) -> list[str]:
+    """The machine's cost of one seeded perturbation sweep over all weights (why full-perturbation rows move)."""
+    if b.get("rademacher_sweep_vs_forward") is None:
+        return []
+    rad, gau = _f(b.get("rademacher_sweep_vs_forward"), ".2f"), _f(b.get("gaussian_sweep_vs_forward"), ".2f")
+    return [f"One seeded perturbation sweep over all weights on this machine: Rademacher {rad}, Gaussian {gau} x "
+            "the forward pass (a full-perturbation `zo_spsa` fused step makes three sweeps, the low-rank one none).",
+            ""]
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return None if a is None or not b else a / b
 
@@ -126,6 +136,7 @@ def arch_markdown(arch: dict[str, Any], samples: int | None) -> list[str]:
         f"peak memory above the process baseline: inference {_mb(b['inference_peak_bytes'])} MB, backprop step "
         f"{_mb(b['backprop_peak_bytes'])} MB.",
         "",
+        *_sweep_line(b),
         f"| rule | forward-only | step / forward | step / backprop | peak MB | memory / inference | memory / backprop "
         f"| cosine | cosine of mean of {n} | parity: checkpoint segments | step / checkpointed step at parity |",
         "|---|:-:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -252,22 +263,68 @@ def _same_net(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return a.get("hidden") == b.get("hidden") and len(kinds) <= 1
 
 
+def seed_groups(runs: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """Runs grouped by ``spec.group`` (the same run over several seeds, see ``bench accuracy --seeds``), in order
+    of first appearance; a run without a group is a group of its own."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for r in runs:
+        groups.setdefault(r["spec"].get("group") or r["spec"]["id"], []).append(r)
+    return list(groups.values())
+
+
+def mean_run(members: list[dict[str, Any]]) -> dict[str, Any]:
+    """One run standing for a seed group: the first member's spec (with the group's id), its per-epoch history
+    averaged over the members (as long as the shortest), ``final``/``best`` the means over the members."""
+    if len(members) == 1:
+        return members[0]
+    hists = [r.get("history") or [] for r in members]
+    n = min(len(h) for h in hists)
+    hist = []
+    for i in range(n):
+        keys = set.intersection(*(set(h[i]) for h in hists))
+        hist.append({k: sum(h[i][k] for h in hists) / len(hists) for k in sorted(keys)
+                     if all(isinstance(h[i][k], (int, float)) for h in hists)})
+    done = [r for r in members if r.get("final") is not None]
+    status = "done" if all(r.get("status") == "done" for r in members) else next(
+        r.get("status") for r in members if r.get("status") != "done")
+    spec = {**members[0]["spec"], "id": members[0]["spec"].get("group") or members[0]["spec"]["id"]}
+    return {"spec": spec, "status": status, "history": hist, "seeds": [r["spec"]["seed"] for r in members],
+            "final": sum(r["final"] for r in done) / len(done) if done else None,
+            "best": sum(r["best"] for r in done) / len(done) if done else None,
+            "finals": [r.get("final") for r in members]}
+
+
+def _pct_sd(run: dict[str, Any], key: str) -> str:
+    """``_pct`` of a run, with `` ± sd`` (in points) when it stands for several seeds."""
+    vals = [v for v in run.get(key + "s", []) if v is not None]
+    if len(vals) < 2:
+        return _pct(run.get(key))
+    m = sum(vals) / len(vals)
+    sd = (sum((v - m) ** 2 for v in vals) / (len(vals) - 1)) ** 0.5
+    return f"{100 * m:.2f}% ± {100 * sd:.2f}"
+
+
 def accuracy_markdown(result: dict[str, Any], images: bool = True, image_prefix: str = "") -> str:
-    """Per data set a results table, then the reproduction table."""
+    """Per data set a results table, then the reproduction table. Runs repeated over seeds show as one row:
+    the mean +/- sd of the final test accuracy, the means of the rest (every seed's run stays in the JSON)."""
     meta = result.get("meta") or {}
     out = [f"Command: `{meta.get('command', '?')}`  "]
     if meta.get("last_invocation") not in (None, meta.get("command")):
         out.append(f"(runs resume across invocations; the last one to write these results: "
                    f"`{meta['last_invocation']}`)  ")
     out += [f"Hardware: {hardware(meta)}", ""]
-    runs = result["runs"]
+    groups = seed_groups(result["runs"])
+    seeds = max(len(g) for g in groups) if groups else 1
+    runs = [mean_run(g) for g in groups]
     for data in sorted({r["spec"]["data"] for r in runs}):
         mine = [r for r in runs if r["spec"]["data"] == data]
         xlabel, epoch_s = epoch_seconds(mine, meta.get("threads"))
+        final = "final test acc" if seeds == 1 else f"final test acc (mean ± sd, {seeds} seeds)"
+        best = "best test acc" if seeds == 1 else "best test acc (mean)"
         out += [f"#### {data}", "",
                 f"Epoch time: {xlabel} per epoch, as a ratio to a backprop run on the same data: the one with the "
                 "same widths where there is one, else the suite's first (named in the last column).", "",
-                "| run | rule | setup | final test acc | best test acc | epochs done | epoch time x backprop "
+                f"| run | rule | setup | {final} | {best} | epochs done | epoch time x backprop "
                 "| backprop run compared with |",
                 "|---|---|---|---:|---:|---:|---:|---|"]
 
@@ -281,7 +338,7 @@ def accuracy_markdown(result: dict[str, Any], images: bool = True, image_prefix:
             status = "" if r.get("status") == "done" else (
                 f" ({r.get('status')}" + (f": {r['error']}" if r.get("error") else "") + ")")
             ref = "-" if ratio is None else ("itself" if bp is r else bp["spec"]["id"])
-            out.append(f"| {r['spec']['id']}{status} | {r['spec']['rule']} | {_setup(r)} | {_pct(r.get('final'))} | "
+            out.append(f"| {r['spec']['id']}{status} | {r['spec']['rule']} | {_setup(r)} | {_pct_sd(r, 'final')} | "
                        f"{_pct(r.get('best'))} | {len(h)}/{r['spec']['epochs']} | {_f(ratio, '.2f')} | {ref} |")
         png = (result.get("plots") or {}).get(data)
         if images and png:
@@ -326,13 +383,14 @@ def epoch_seconds(runs: list[dict[str, Any]], threads: int | None) -> tuple[str,
 
 
 def plot_time_to_accuracy(runs: list[dict[str, Any]], data: str, path: Path, threads: int | None = 1) -> None:
-    """Test accuracy against cumulative training time (evaluation excluded, see :func:`epoch_seconds`)."""
+    """Test accuracy against cumulative training time (evaluation excluded, see :func:`epoch_seconds`); a run
+    repeated over seeds is drawn once, averaged over them."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    mine = [r for r in runs if r["spec"]["data"] == data and r.get("history")]
+    mine = [r for r in (mean_run(g) for g in seed_groups(runs)) if r["spec"]["data"] == data and r.get("history")]
     xlabel, secs = epoch_seconds(mine, threads)
     rules = [r["spec"]["rule"] for r in mine]
     fig, ax = plt.subplots(figsize=(11, 6))
@@ -357,26 +415,61 @@ def plot_time_to_accuracy(runs: list[dict[str, Any]], data: str, path: Path, thr
     plt.close(fig)
 
 
+# --- compare --------------------------------------------------------------------------------------
+def pm(mean: Any, sd: Any, fmt: str) -> str:
+    """``mean ± sd`` (``-`` for a missing mean; the mean alone when there is no sd)."""
+    if mean is None:
+        return "-"
+    return format(mean, fmt) + ("" if sd is None else f" ± {format(sd, fmt)}")
+
+
+def compare_markdown(result: dict[str, Any]) -> str:
+    """The table of a ``forwardlearn compare`` JSON: mean +/- sd over its seeds, then the command line."""
+    meta = result["meta"]
+    rows = result["results"]
+    seeds = max((len(r.get("seeds") or [0]) for r in rows), default=1)
+    out = [
+        f"| rule | test acc (mean ± sd, {seeds} seed{'s' if seeds != 1 else ''}) | CPU time per epoch x backprop "
+        "| peak MB | memory x backprop "
+        "| cosine to true gradient after epoch 1 |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        out.append(f"| {r['rule']} | {pm(r['test_acc'], r.get('test_acc_sd'), '.4f')} | "
+                   f"{_f(r.get('time_ratio'), '.2f')} | {_f(r.get('peak_mb'), '.1f')} | "
+                   f"{_f(r.get('mem_ratio'), '.2f')} | {pm(r.get('cosine'), r.get('cosine_sd'), '.3f')} |")
+    out += ["", f"`{meta['command']}` on {meta['machine']}, torch {meta['torch']}, {meta['threads']} thread(s), "
+                f"device {meta['device']}; {meta['total_seconds']:.0f} s in all."]
+    return "\n".join(out) + "\n"
+
+
 # --- the report -----------------------------------------------------------------------------------
-def _cost_title(res: dict[str, Any]) -> str:
+def cost_title(res: dict[str, Any]) -> str:
     return "Cost of one training step, and how it grows with depth and width" if res.get("sweep") else \
         "Cost of one training step"
+
+
+def readme_text(results: Path, readme: Path) -> str:
+    """The text ``readme`` should have: its generated blocks (see :mod:`forwardlearn.bench.readme`) rewritten
+    from the JSON in ``results``; nothing is written."""
+    from .readme import render
+
+    readme = Path(readme)
+    prefix = os.path.relpath(Path(results).resolve(), readme.resolve().parent).replace(os.sep, "/") + "/"
+    return render(readme.read_text() if readme.exists() else "", Path(results), prefix, str(readme))
 
 
 def regenerate(results: Path, readme: Path | None = None) -> list[Path]:
     """Re-render every Markdown table and PNG under ``results`` from its JSON; optionally the README section.
 
-    Returns the paths written. The README keeps everything outside ``<!-- bench:start -->`` /
-    ``<!-- bench:end -->``; a README without the markers raises ``ValueError``.
+    Returns the paths written. The README keeps everything outside its generated blocks (see
+    :mod:`forwardlearn.bench.readme`); a README without any raises ``ValueError``.
     """
     results = Path(results)
     if not results.is_dir():
         raise FileNotFoundError(f"{results}: no such results directory (run `forwardlearn bench cost` first)")
     written: list[Path] = []
     sections: list[str] = []
-    prefix = ""
-    if readme is not None:
-        prefix = os.path.relpath(results.resolve(), Path(readme).resolve().parent).replace(os.sep, "/") + "/"
     cost_files = sorted(results.glob("cost*.json"), key=lambda p: (p.stem != "cost", p.name))  # cost.json first
     for path in cost_files:
         res = json.loads(path.read_text())
@@ -386,7 +479,7 @@ def regenerate(results: Path, readme: Path | None = None) -> list[Path]:
         md = path.with_suffix(".md")
         md.write_text(cost_markdown(res))
         written.append(md)
-        sections.append(f"### {_cost_title(res)}\n\n{cost_markdown(res, image_prefix=prefix)}")
+        sections.append(path.name)
     for path in sorted(results.glob("accuracy-*.json")):
         res = json.loads(path.read_text())
         for data, png in (res.get("plots") or {}).items():
@@ -395,15 +488,17 @@ def regenerate(results: Path, readme: Path | None = None) -> list[Path]:
         md = path.with_suffix(".md")
         md.write_text(accuracy_markdown(res))
         written.append(md)
-        sections.append(f"### Accuracy: suite `{res['suite']['name']}`\n\n"
-                        f"{accuracy_markdown(res, image_prefix=prefix)}")
+        sections.append(path.name)
+    for path in sorted(results.glob("compare-*.json")):
+        md = path.with_suffix(".md")
+        md.write_text(compare_markdown(json.loads(path.read_text())))
+        written.append(md)
     if not sections:
         raise FileNotFoundError(f"{results}: no cost*.json or accuracy-*.json to report")
-    body = "\n".join(sections)
     summary = results / "RESULTS.md"
     summary.write_text("# Benchmark results\n\nRegenerated by `forwardlearn bench report` from the JSON files "
                        "in this directory.\n\n" + "\n".join(s for s in [
-                           *(f"### {_cost_title(r)}\n\n{cost_markdown(r)}"
+                           *(f"### {cost_title(r)}\n\n{cost_markdown(r)}"
                              for r in (json.loads(p.read_text()) for p in cost_files)),
                            *(f"### Accuracy: suite `{json.loads(p.read_text())['suite']['name']}`\n\n"
                              f"{accuracy_markdown(json.loads(p.read_text()))}"
@@ -411,12 +506,6 @@ def regenerate(results: Path, readme: Path | None = None) -> list[Path]:
     written.append(summary)
     if readme is not None:
         readme = Path(readme)
-        text = readme.read_text() if readme.exists() else ""
-        if START not in text or END not in text or text.index(START) > text.index(END):
-            raise ValueError(f"{readme}: add the lines {START} and {END} where the benchmark section goes")
-        head, rest = text.split(START, 1)
-        _, tail = rest.split(END, 1)
-        readme.write_text(f"{head}{START}\n<!-- generated by `forwardlearn bench report`; do not edit -->\n\n"
-                          f"{body}\n{END}{tail}")
+        readme.write_text(readme_text(results, readme))
         written.append(readme)
     return written

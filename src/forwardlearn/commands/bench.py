@@ -74,6 +74,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     a.add_argument("--out", default="benchmarks/results", help="results directory (default benchmarks/results)")
     a.add_argument("--work", default="runs/bench", help="per-run checkpoints (default runs/bench)")
     a.add_argument("--list", action="store_true", help="print the suite's runs and exit")
+    a.add_argument("--seeds", type=positive(int, "--seeds"), default=1,
+                   help="seeds per run (its seed, seed + 1, ...); the tables show mean +/- sd (default 1)")
     a.add_argument("--eval-threads", type=positive(int, "--eval-threads"), default=None,
                    help="torch CPU threads of the per-epoch evaluation, which is not timed (default: --threads)")
     a.add_argument("--data-dir", default=None, help="data cache (default $FORWARDLEARN_DATA or ~/.cache/forwardlearn)")
@@ -152,11 +154,11 @@ def _cost(args: argparse.Namespace) -> int:
 
 
 def _accuracy(args: argparse.Namespace) -> int:
-    from ..bench.accuracy import load_suite, run_suite
+    from ..bench.accuracy import load_suite, run_suite, with_seeds
     from ..bench.report import run_meta
     from ..training import resolve_device
 
-    suite = load_suite("quick" if args.quick else args.suite)
+    suite = with_seeds(load_suite("quick" if args.quick else args.suite), args.seeds)
     if args.list:
         for s in suite["runs"]:
             print(f"{s['id']}: {s['rule']} on {s['data']}, {s['model']} {s.get('hidden') or ''}, {s['optimizer']} "
@@ -170,7 +172,7 @@ def _accuracy(args: argparse.Namespace) -> int:
     device = str(resolve_device(args.device))
     # the table gathers runs trained by several invocations (each resumes where the last stopped): its
     # command is the one that reproduces all of it; the invocation that last wrote it is kept beside
-    meta = run_meta(device, args.threads, {"suite": "per run (see runs[].spec.seed)"},
+    meta = run_meta(device, args.threads, {"suite": "per run (see runs[].spec.seed)", "per_run": args.seeds},
                     command=command_line(argparse.Namespace(**{**vars(args), "only": None})))
     meta["last_invocation"] = command_line(args)
     out = run_suite(suite, Path(args.out), Path(args.work), device=device, threads=args.threads,

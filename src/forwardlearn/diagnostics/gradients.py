@@ -79,6 +79,11 @@ def gradient_alignment(
             p.grad = None
         rule.grads(work, inputs, targets)
         estimates.append(_grads_of([params[i] for i in keep]))
+    if any(e.shape != t.shape for e, t in zip(estimates[0], truth)):
+        # the rule reshaped a parameter in place (Forward-Forward widens the first layer for the label): compare
+        # with the exact gradient of the reshaped model, whose forward takes the same inputs
+        exact = true_gradient(rule, copy.deepcopy(work), inputs, targets)
+        truth = [exact[i] for i in keep]
     pnames = [pnames[i] for i in keep]
     mean = [torch.stack([e[i] for e in estimates]).mean(0) for i in range(len(keep))]
     t = _flat(truth)

@@ -155,6 +155,12 @@ def jvp_loss(
     covered by a second, eager pass that makes every parameter dual at once. A failure of forward-mode
     AD is re-raised as ``RuntimeError`` naming the innermost layer that was running. ``tangent_of``
     must be deterministic (a tied parameter asks for its tangent once per module that owns it).
+
+    A :class:`RankOne` tangent ``u r^T`` of the weight of a plain ``nn.Linear`` or ungrouped ``nn.Conv2d`` is
+    never formed: the weight stays as it is and a forward hook adds the weight's share of the output
+    tangent, ``(x . r) u`` (a convolution: ``x`` against the single kernel ``r``, scaled per channel by
+    ``u``), to the layer's output -- the low-rank evaluation inside the layer of
+    :mod:`forwardlearn.forward_only.lowrank`.
     """
     if fast:
         out = sequential_jvp(model, inputs, targets, loss_fn, tangent_of)
@@ -169,47 +175,66 @@ def jvp_loss(
         if own:
             owned[m] = own
 
-    def tangent(p: nn.Parameter) -> Tensor | None:  # made when needed, dropped with the layer's dual weights
-        t = tangent_of(index[id(p)], p)
-        return t.full(p) if isinstance(t, RankOne) else t
+    def in_layer(m: nn.Module, k: str) -> bool:  # a rank-one weight tangent added inside the layer's forward
+        return k == "weight" and type(m) in (nn.Linear, nn.Conv2d) and getattr(m, "groups", 1) == 1
 
     def run(eager: bool) -> tuple[float, float, set[int]]:
         stack: list[nn.Module] = []
         swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
         visited: set[int] = set()
+        factors: list[RankOne | None] = []  # per running module: its weight's rank-one tangent, added in post
 
-        def swap(m: nn.Module) -> int:
-            n = 0
+        def swap(m: nn.Module) -> tuple[int, RankOne | None]:
+            n, inside = 0, None
             for k in owned.get(m, ()):
                 p = m._parameters[k]
                 if not isinstance(p, nn.Parameter):  # already dual (module re-entered)
                     continue
-                t = tangent(p)
+                t = tangent_of(index[id(p)], p)  # made when needed, dropped with the layer's dual weights
                 visited.add(id(p))
                 if t is None:
                     continue
+                if isinstance(t, RankOne):
+                    if not eager and in_layer(m, k):
+                        inside = t
+                        continue
+                    t = t.full(p)
                 m._parameters[k] = fwAD.make_dual(p.detach(), t.detach().to(p.dtype).view_as(p))
                 swapped.append((m, k, p))
                 n += 1
-            return n
+            return n, inside
 
         counts: list[int] = []
 
         def pre(m: nn.Module, args: Any) -> None:
             stack.append(m)
-            counts.append(0 if eager else swap(m))
+            n, inside = (0, None) if eager else swap(m)
+            counts.append(n)
+            factors.append(inside)
 
-        def post(m: nn.Module, args: Any, out: Any) -> None:
+        def post(m: nn.Module, args: Any, kwargs: dict[str, Any], out: Any) -> Any:
             for _ in range(counts.pop()):
                 mod, k, p = swapped.pop()
                 mod._parameters[k] = p
             stack.pop()
+            t = factors.pop()
+            if t is None:
+                return None
+            x = fwAD.unpack_dual(args[0] if args else next(iter(kwargs.values()))).primal
+            u = t.u.to(x.dtype)
+            if isinstance(m, nn.Conv2d):
+                y = m._conv_forward(x, t.r.to(x.dtype).view(1, *m.weight.shape[1:]), None)  # (B, 1, H', W')
+                extra = y * u.view(-1, 1, 1)
+            else:
+                extra = (x.reshape(-1, x.shape[-1]) @ t.r.to(x.dtype)).unsqueeze(1) * u
+                extra = extra.view(*x.shape[:-1], u.numel())
+            return out + fwAD.make_dual(torch.zeros_like(extra), extra)
 
         handles = []
         try:
             for m in names:
                 handles.append(m.register_forward_pre_hook(pre))
-                handles.append(m.register_forward_hook(post))
+                handles.append(m.register_forward_hook(post, with_kwargs=True))
             with fwAD.dual_level():
                 if eager:
                     for m in owned:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any, ClassVar
 
 import torch
@@ -10,6 +11,7 @@ from torch import Tensor, nn
 from ..data.batches import Inputs, call_model, logits_of
 from ..forward_only.directions import Directions, accumulate_directions, draw_seeds, flat_view
 from ..forward_only.forward_mode import BATCHED_LIMIT, functional_call
+from ..forward_only.lowrank import LowRank, Plan, plan
 from .base import (
     LossFn,
     NonFiniteError,
@@ -22,6 +24,7 @@ from .base import (
 )
 
 DIFFERENCES = ("central", "forward")
+PERTURBATIONS = ("full", "lowrank")
 
 
 @register
@@ -58,6 +61,18 @@ class ZerothOrderSPSA(SeedScalarRule):
       inference memory plus one chunk.
     - ``grads = estimate + apply`` (then any ``torch.optim`` optimizer).
 
+    ``perturbation="lowrank"`` (LOZO, Chen et al. 2024, Sec. 3; SubZero, Yu et al. 2024, Sec. 4): every
+    weight matrix of an ``nn.Linear``/``nn.Conv2d`` (a kernel read as ``out x in kh kw``) is perturbed by
+    ``Z = U V^T / sqrt(rank)`` with ``U``, ``V`` of the chosen distribution drawn from the direction's seed,
+    its bias by a full vector; other parameters (norms, embeddings, weights shared between modules) keep
+    the full perturbation. ``E[vec Z vec Z^T] = I`` as for the full perturbation, so the estimate is unbiased
+    in the same sense, with the variance of correlated entries. The perturbed forward never writes a
+    layer's parameters: a forward hook adds ``eps (U (V^T x) / sqrt(r) + z_b)`` to the layer's output
+    (:mod:`forwardlearn.forward_only.lowrank`), and the update is one rank-``K r`` ``addmm_`` per matrix with the
+    weight decay folded in, so a fused step is two forwards plus one pass over the weights (the full
+    perturbation: two forwards plus three sweeps of random numbers). Small models take the ``vmap`` path
+    below with the same directions formed densely (scalars equal up to rounding).
+
     ``loss`` returned: central, the mean of ``(L+ + L-)/2`` over directions (``L(theta) + O(eps^2)``);
     forward, the unperturbed loss.
 
@@ -66,6 +81,8 @@ class ZerothOrderSPSA(SeedScalarRule):
         eps: perturbation size.
         difference: ``central`` or ``forward``.
         distribution: ``rademacher`` (default, SPSA's symmetric Bernoulli) or ``gaussian`` (MeZO's).
+        perturbation: ``full`` (default: every weight perturbed, MeZO) or ``lowrank`` (see above).
+        rank: ``r`` of the low-rank perturbation (default 1; only with ``perturbation="lowrank"``).
     """
 
     name: ClassVar[str] = "zo_spsa"
@@ -81,7 +98,8 @@ class ZerothOrderSPSA(SeedScalarRule):
     supports_fused: ClassVar[bool] = True
 
     def __init__(self, directions: int = 32, eps: float = 1e-3, difference: str = "central",
-                 distribution: str = "rademacher", loss: LossFn | None = None, seed: int | None = None) -> None:
+                 distribution: str = "rademacher", perturbation: str = "full", rank: int | None = None,
+                 loss: LossFn | None = None, seed: int | None = None) -> None:
         super().__init__(loss=loss, seed=seed)
         self.directions = check_int(directions, "directions")
         self.eps = check_positive(eps, "eps")
@@ -90,11 +108,32 @@ class ZerothOrderSPSA(SeedScalarRule):
         self.difference = difference
         self.distribution = distribution
         self._dirs = Directions(distribution)
+        if perturbation not in PERTURBATIONS:
+            raise ValueError(f"perturbation must be one of {', '.join(PERTURBATIONS)}, got {perturbation!r}")
+        if rank is not None and perturbation != "lowrank":
+            raise ValueError(f"rank applies only to perturbation='lowrank', got rank={rank!r} with {perturbation!r}")
+        self.perturbation = perturbation
+        self.rank = check_int(1 if rank is None else rank, "rank")
+        self._lowrank = LowRank(distribution, self.rank) if perturbation == "lowrank" else None
 
     # --- internals ---------------------------------------------------------------------------------
-    @staticmethod
-    def _flats(model: nn.Module) -> list[Tensor]:
-        return [flat_view(p, f"parameter {i}") for i, p in enumerate(trainable_parameters(model))]
+    def _split(self, model: nn.Module) -> tuple[list[nn.Parameter], Plan | None, list[Tensor]]:
+        """The trained parameters, the low-rank plan (``None`` for full perturbations) and the flat views of
+        the parameters perturbed in place (all of them, or the low-rank plan's ``rest``)."""
+        params = trainable_parameters(model)
+        pl = plan(model, params) if self._lowrank is not None else None
+        rest = range(len(params)) if pl is None else pl.rest
+        return params, pl, [flat_view(params[i], f"parameter {i}") for i in rest]
+
+    def _flats(self, model: nn.Module) -> list[Tensor]:
+        return self._split(model)[2]
+
+    def _inside(self, pl: Plan | None, params: list[nn.Parameter], seed: int,
+                alpha: float) -> AbstractContextManager[None]:
+        """The low-rank layers' perturbation ``alpha Z`` (a forward hook) while the block runs."""
+        if pl is None or self._lowrank is None:
+            return nullcontext()
+        return self._lowrank.perturbed(pl, params, seed, alpha)
 
     def _perturb(self, flats: list[Tensor], seed: int, alpha: float) -> None:
         if flats:
@@ -109,11 +148,11 @@ class ZerothOrderSPSA(SeedScalarRule):
                   defer_last: bool) -> tuple[list[int], Tensor, float, tuple[int, float] | None]:
         """Like :meth:`estimate`; with ``defer_last`` the last perturbation is left on the weights and
         returned as ``(seed, alpha)`` still to add."""
-        flats = self._flats(model)
+        params, pl, flats = self._split(model)
         seeds = draw_seeds(self.generator("cpu"), self.directions)
         scalars = torch.empty(len(seeds), dtype=torch.float64)
         eps = self.eps
-        if len(seeds) > 1 and len(seeds) * sum(f.numel() for f in flats) <= BATCHED_LIMIT:
+        if len(seeds) > 1 and len(seeds) * sum(p.numel() for p in params) <= BATCHED_LIMIT:
             try:
                 loss = self._batched(model, inputs, targets, seeds, scalars)
                 return seeds, scalars, loss, None
@@ -128,11 +167,13 @@ class ZerothOrderSPSA(SeedScalarRule):
             for k, s in enumerate(seeds):
                 self._perturb(flats, s, eps)
                 pending = (s, -eps)
-                plus = self._loss(model, inputs, targets)
+                with self._inside(pl, params, s, eps):
+                    plus = self._loss(model, inputs, targets)
                 if self.difference == "central":
                     self._perturb(flats, s, -2 * eps)
                     pending = (s, eps)
-                    minus = self._loss(model, inputs, targets)
+                    with self._inside(pl, params, s, -eps):
+                        minus = self._loss(model, inputs, targets)
                     scalars[k] = (plus - minus) / (2 * eps)
                     losses.append(0.5 * (plus + minus))
                 else:
@@ -162,9 +203,17 @@ class ZerothOrderSPSA(SeedScalarRule):
         keys = [names[id(p)] for p in params]
         numels = [p.numel() for p in params]
         z = tuple(torch.empty((len(seeds), *p.shape), dtype=p.dtype, device=p.device) for p in params)
+        _, pl, _ = self._split(model)
+        rest = list(range(len(params))) if pl is None else pl.rest
         for k, s in enumerate(seeds):
-            for i, a, b, piece in self._dirs.pieces(s, numels, params[0].device):
-                z[i][k].view(-1)[a:b].copy_(piece)
+            for i, a, b, piece in self._dirs.pieces(s, [numels[j] for j in rest], params[0].device):
+                z[rest[i]][k].view(-1)[a:b].copy_(piece)
+        if pl is not None and self._lowrank is not None:
+            for l, layer in enumerate(pl.layers):  # Z_k = U_k V_k^T / sqrt(r) for all k at once
+                u, v, zb = self._lowrank.stacked(seeds, l, layer, params[layer.weight])
+                torch.bmm(u, v.transpose(1, 2), out=z[layer.weight].view(len(seeds), layer.out, layer.inp))
+                if zb is not None and layer.bias is not None:
+                    z[layer.bias].copy_(zb)
 
         def loss_at(*ws: Tensor) -> Tensor:
             return self.loss(logits_of(functional_call(model, dict(zip(keys, ws)), inputs)), targets)
@@ -199,7 +248,10 @@ class ZerothOrderSPSA(SeedScalarRule):
                 terms[-1] = (ps, terms[-1][1] + pa * decay)
             else:
                 terms.append((ps, pa * decay))
-        self._dirs.add_terms_(self._flats(model), terms, decay)
+        params, pl, flats = self._split(model)
+        self._dirs.add_terms_(flats, terms, decay)
+        if pl is not None and self._lowrank is not None:
+            self._lowrank.add_(pl, [p.detach() for p in params], list(zip(seeds, coefs)), decay)
 
     # --- the seed-and-scalar API ---------------------------------------------------------------------
     def estimate(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[list[int], Tensor, float]:
@@ -209,7 +261,21 @@ class ZerothOrderSPSA(SeedScalarRule):
 
     def apply(self, model: nn.Module, seeds: list[int], scalars: Tensor) -> None:
         """Accumulate ``mean_k scalars[k] * z_k`` into ``.grad`` (``z_k`` regenerated from ``seeds[k]``)."""
-        accumulate_directions(trainable_parameters(model), self._dirs, list(seeds), torch.as_tensor(scalars))
+        params, pl, _ = self._split(model)
+        scalars = torch.as_tensor(scalars)
+        if pl is None or self._lowrank is None:
+            accumulate_directions(params, self._dirs, list(seeds), scalars)
+            return
+        accumulate_directions([params[i] for i in pl.rest], self._dirs, list(seeds), scalars)
+        if not seeds:
+            return
+        coefs = [float(c) / len(seeds) for c in scalars.detach().cpu().tolist()]
+        fresh = [p.grad is None for p in params]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
+        grads = [flat_view(p.grad, f"the gradient of parameter {i}").view_as(p) for i, p in enumerate(params)]
+        self._lowrank.add_(pl, grads, list(zip(seeds, coefs)), overwrite=fresh)
 
     def fused_apply(self, model: nn.Module, seeds: list[int], scalars: Tensor, lr: float,
                     weight_decay: float = 0.0) -> None:

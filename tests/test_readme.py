@@ -1,0 +1,57 @@
+"""Every number in the README comes from a stored result: its generated blocks regenerate byte for byte."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from forwardlearn.bench import readme as blocks
+from forwardlearn.bench.report import readme_text
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_readme_is_what_the_stored_results_generate() -> None:
+    # reads only benchmarks/results/*.json (no clock, no machine): fails when a generated block was edited by
+    # hand or a results file changed without `forwardlearn bench report --readme README.md`
+    text = (ROOT / "README.md").read_text()
+    for name in ("summary", "compare-digits", "bench"):
+        assert blocks.BEGIN.format(name) in text and blocks.END.format(name) in text, name
+    assert readme_text(ROOT / "benchmarks" / "results", ROOT / "README.md") == text
+
+
+def test_blocks_are_replaced_by_name_and_the_rest_is_kept(tmp_path, monkeypatch) -> None:
+    (tmp_path / "numbers.json").write_text(json.dumps({"x": 0.25}))
+    def numbers(results: Path, prefix: str) -> str:
+        return f"x is {json.loads((results / 'numbers.json').read_text())['x']:.2f} ({prefix})\n"
+
+    monkeypatch.setitem(blocks.BLOCKS, "numbers", numbers)
+    readme = tmp_path / "README.md"
+    readme.write_text(f"intro 1.0\n\n{blocks.BEGIN.format('numbers')}\nstale 9.99\n{blocks.END.format('numbers')}\n"
+                      "outro 2.0\n")
+    got = readme_text(tmp_path, readme)
+    assert got == (f"intro 1.0\n\n{blocks.BEGIN.format('numbers')}\n{blocks.NOTE}\n\nx is 0.25 (./)\n\n"
+                   f"{blocks.END.format('numbers')}\noutro 2.0\n")
+    readme.write_text(got)
+    assert readme_text(tmp_path, readme) == got  # idempotent
+
+
+@pytest.mark.parametrize("text, match", [
+    ("no blocks here\n", "no generated block"),
+    (f"{blocks.BEGIN.format('nonesuch')}\n{blocks.END.format('nonesuch')}\n", "unknown generated block 'nonesuch'"),
+    (f"{blocks.BEGIN.format('summary')}\nno end\n", "has no"),
+])
+def test_bad_blocks_are_refused(tmp_path, text: str, match: str) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(text)
+    with pytest.raises(ValueError, match=match):
+        readme_text(tmp_path, readme)
+
+
+def test_a_missing_results_file_names_the_command_that_makes_it(tmp_path) -> None:
+    readme = tmp_path / "README.md"
+    readme.write_text(f"{blocks.BEGIN.format('compare-digits')}\n{blocks.END.format('compare-digits')}\n")
+    with pytest.raises(FileNotFoundError, match="forwardlearn compare --data digits"):
+        readme_text(tmp_path, readme)
