@@ -115,7 +115,7 @@ def test_dfa_on_an_mlp_matches_the_layer_by_layer_rule() -> None:
     rule = fl.get_rule("dfa", seed=0)
     rule.attach(net)
     rule.grads(net, x, y)
-    b = fl.rules.feedback_alignment.dfa_feedback(net)
+    b = fl.rules.direct_feedback_alignment.dfa_feedback(net)
     assert sorted(b) == [0, 1] and b[0].shape == (10, 16) and b[1].shape == (10, 12)
     out = net(x).detach().requires_grad_(True)
     (e,) = torch.autograd.grad(F.cross_entropy(out, y), out)

@@ -12,12 +12,12 @@ import torch.nn.functional as F
 from torch import nn
 
 import forwardlearn as fl
+from forwardlearn.rules.direct_feedback_alignment import dfa_feedback
 from forwardlearn.rules.feedback_alignment import (
     FeedbackConv2d,
     FeedbackConv2dFn,
     FeedbackLinear,
     FeedbackLinearFn,
-    dfa_feedback,
     effective_feedback,
     feedback_active,
     feedback_layers,

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import forwardlearn as fl
-from forwardlearn.rules.forward_forward import (
+from forwardlearn.rules.forward_forward_parts import (
     collaborative_logits,
     embed_label,
     ff_layer_loss,

@@ -128,7 +128,7 @@ def _by_hook(name: str) -> tuple[Grads, dict[int, Grads]]:
 
 
 def _dfa() -> tuple[Grads, dict[int, Grads]]:
-    from forwardlearn.rules.feedback_alignment import dfa_feedback
+    from forwardlearn.rules.direct_feedback_alignment import dfa_feedback
 
     rule, model, _, x, y = _setup("dfa")
     rule.grads(model, x, y)  # the feedback matrices are drawn at the first step

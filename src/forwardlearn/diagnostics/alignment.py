@@ -14,7 +14,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..rules.feedback_alignment import dfa_blocks, dfa_feedback, effective_feedback, feedback_layers
+from ..rules.direct_feedback_alignment import dfa_blocks, dfa_feedback
+from ..rules.feedback_alignment import effective_feedback, feedback_layers
 
 
 def _angle(a: Tensor, b: Tensor) -> float:

@@ -43,7 +43,7 @@ from ..data.batches import call_model
 from ..forward_only.local import FORMULA, NORMS, accumulate_layer, has_formula, layer_weight_grads
 from ..models.basic import he_uniform_
 from .base import LossFn, Rule, accumulate_grad, check_finite, register
-from .forward_forward import mlp_blocks
+from .forward_forward_parts import mlp_blocks
 
 __all__ = ["Pepita", "he_uniform_", "lr_schedule"]
 
