@@ -17,7 +17,8 @@ def test_readme_is_what_the_stored_results_generate() -> None:
     # reads only benchmarks/results/*.json (no clock, no machine): fails when a generated block was edited by
     # hand or a results file changed without `forwardlearn bench report --readme README.md`
     text = (ROOT / "README.md").read_text()
-    for name in ("summary", "compare-digits", "bench"):
+    for name in ("summary", "compare-digits", "bench", "architectures", "finetune-cost", "finetune-accuracy",
+                 "zo-lowrank-cost", "zo-lowrank-accuracy"):
         assert blocks.BEGIN.format(name) in text and blocks.END.format(name) in text, name
     assert readme_text(ROOT / "benchmarks" / "results", ROOT / "README.md") == text
 
