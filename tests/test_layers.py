@@ -1,6 +1,6 @@
 """The package's layers: a module imports only modules of its own layer or of the layers below it.
 
-    0  rules/ models/ data/ forward_only/ physical.py explain.py    models, data, learning rules
+    0  rules/ models/ data/ forward_only/ blocks.py physical.py explain.py   models, data, learning rules
     1  training/                                                    the loop, strategies, checkpoints, build_run
     2  distributed/ bench/ diagnostics/                             built on 0-1
     3  commands/                                                    the CLI verbs
@@ -16,7 +16,7 @@ import forwardlearn
 
 ROOT = Path(forwardlearn.__file__).parent
 LAYERS = {
-    "rules": 0, "models": 0, "data": 0, "forward_only": 0, "physical": 0, "explain": 0,
+    "rules": 0, "models": 0, "data": 0, "forward_only": 0, "physical": 0, "explain": 0, "blocks": 0,
     "training": 1,
     "distributed": 2, "bench": 2, "diagnostics": 2, "finetune": 2,
     "commands": 3,

@@ -58,6 +58,17 @@ def _outermost(named: list[tuple[str, nn.Module]], rule: str) -> list[tuple[str,
     return [(n, m) for n, m in named if id(m) not in inner]
 
 
+def check_block_spec(spec: Any) -> BlockSpec:
+    """``spec`` if it has the form of a ``blocks=`` option (see :func:`select_blocks`), else ``ValueError``
+    (``get_rule`` names the rule)."""
+    if spec is None or isinstance(spec, str) or (isinstance(spec, type) and issubclass(spec, nn.Module)):
+        return spec
+    if isinstance(spec, (tuple, list)) and spec and (all(isinstance(s, str) for s in spec) or all(
+            isinstance(s, type) and issubclass(s, nn.Module) for s in spec)):
+        return spec
+    raise ValueError(f"blocks= must be None, 'auto', module names or module types, got {spec!r}")
+
+
 def select_blocks(model: nn.Module, spec: BlockSpec = None, rule: str = "blocks") -> list[tuple[str, nn.Module]]:
     """The chosen blocks of ``model`` as ``(name, module)`` in ``named_modules`` order (see module docstring).
 
@@ -181,5 +192,5 @@ def cut_forward(model: nn.Module, inputs: Any, blocks: list[tuple[str, nn.Module
     return out, c.cuts
 
 
-__all__ = ["BlockSpec", "Cuts", "cut_forward", "first_tensor", "is_block", "replace_first",
-           "select_blocks"]
+__all__ = ["BlockSpec", "Cuts", "check_block_spec", "cut_forward", "first_tensor", "is_block",
+           "replace_first", "select_blocks"]

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..blocks import BlockSpec, cut_forward, select_blocks
+from ..blocks import BlockSpec, check_block_spec, cut_forward, select_blocks
 from .base import Rule, accumulate_grad, check_finite, register
 
 __all__ = [
@@ -309,9 +309,9 @@ def dfa_feedback(model: nn.Module) -> dict[int, Tensor]:
 
 
 # --- the rules --------------------------------------------------------------------------------------
-def _check_scale(scale: float, rule: str) -> float:
+def _check_scale(scale: float) -> float:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (scale > 0 and math.isfinite(scale)):
-        raise ValueError(f"{rule}: scale must be a positive finite number, got {scale!r}")
+        raise ValueError(f"scale must be a positive finite number, got {scale!r}")
     return float(scale)
 
 
@@ -363,7 +363,7 @@ class _LayerFeedbackRule(_TrackedFeedback):
 
     def __init__(self, scale: float = 1.0, loss: Any = None, seed: int | None = None) -> None:
         super().__init__(loss=loss, seed=seed)
-        self.scale = _check_scale(scale, self.name)
+        self.scale = _check_scale(scale)
         self._pending_bounds: dict[str, float] = {}
 
     @property
@@ -533,7 +533,7 @@ class SignSymmetry(_LayerFeedbackRule):
 
     def __init__(self, variant: str = "usf", scale: float = 1.0, loss: Any = None, seed: int | None = None) -> None:
         if variant not in ("usf", "brsf", "frsf"):
-            raise ValueError(f"sign_symmetry: variant must be 'usf', 'brsf' or 'frsf', got {variant!r}")
+            raise ValueError(f"variant must be 'usf', 'brsf' or 'frsf', got {variant!r}")
         super().__init__(scale=scale, loss=loss, seed=seed)
         self.variant = variant
 
@@ -578,10 +578,10 @@ class ProductFeedbackAlignment(_LayerFeedbackRule):
     def __init__(self, expand_ratio: int = 10, weight_decay: float = 1e-3, scale: float = 1.0, loss: Any = None,
                  seed: int | None = None) -> None:
         if isinstance(expand_ratio, bool) or not isinstance(expand_ratio, int) or expand_ratio < 1:
-            raise ValueError(f"pfa: expand_ratio must be a positive integer, got {expand_ratio!r}")
+            raise ValueError(f"expand_ratio must be a positive integer, got {expand_ratio!r}")
         if (isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float))
                 or not (weight_decay >= 0 and math.isfinite(weight_decay))):
-            raise ValueError(f"pfa: weight_decay must be a non-negative finite number, got {weight_decay!r}")
+            raise ValueError(f"weight_decay must be a non-negative finite number, got {weight_decay!r}")
         super().__init__(scale=scale, loss=loss, seed=seed)
         self.expand_ratio = expand_ratio
         self.weight_decay = float(weight_decay)
@@ -658,8 +658,8 @@ class DFA(_TrackedFeedback):
     def __init__(self, scale: float = 1.0, blocks: BlockSpec = None, loss: Any = None,
                  seed: int | None = None) -> None:
         super().__init__(loss=loss, seed=seed)
-        self.scale = _check_scale(scale, self.name)
-        self.blocks = blocks
+        self.scale = _check_scale(scale)
+        self.blocks = check_block_spec(blocks)
         self.local_loss_hook: Callable[[int, Tensor], Tensor] | None = None
 
     def attach(self, model: nn.Module) -> nn.Module:

@@ -16,7 +16,7 @@ import torch
 import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from ..blocks import BlockSpec, first_tensor, replace_first
+from ..blocks import BlockSpec, check_block_spec, first_tensor, replace_first
 from ..data.batches import call_model, logits_of
 from ..forward_only.directions import Directions, accumulate_directions, draw_seeds, flat_view
 from ..forward_only.forward_mode import (
@@ -270,8 +270,8 @@ class ActivityForwardGradient(Rule):
     def __init__(self, directions: int = 4, blocks: BlockSpec = None, loss: LossFn | None = None,
                  seed: int | None = None) -> None:
         super().__init__(loss=loss, seed=seed)
-        self.directions = check_int(directions, f"{self.name}: directions")
-        self.blocks = blocks
+        self.directions = check_int(directions, "directions")
+        self.blocks = check_block_spec(blocks)
 
     def grads(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
         units = perturbed_units(model, self.name, self.blocks)

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..blocks import BlockSpec, first_tensor, replace_first
+from ..blocks import BlockSpec, check_block_spec, first_tensor, replace_first
 from ..data.batches import call_model
 from ..forward_only.local import (
     Saved,
@@ -90,22 +90,22 @@ class UnifiedLikelihoodRatio(Rule):
         super().__init__(loss=loss, seed=seed)
         if copies is not None:
             if directions != 32 and directions != copies:
-                raise ValueError(f"ulr: copies={copies!r} is the old name of directions={directions!r}; pass one")
+                raise ValueError(f"copies={copies!r} is the old name of directions={directions!r}; pass one")
             warnings.warn("ulr: the option `copies` is now called `directions` (one name for K across rules)",
                           FutureWarning, stacklevel=2)
             directions = copies
-        self.directions = check_int(directions, "ulr: directions", 1)
-        self.sigma = check_positive(sigma, "ulr: sigma")
+        self.directions = check_int(directions, "directions", 1)
+        self.sigma = check_positive(sigma, "sigma")
         if not isinstance(antithetic, bool) or not isinstance(baseline, bool):
-            raise ValueError(f"ulr: antithetic and baseline must be bools, got {antithetic!r}, {baseline!r}")
+            raise ValueError(f"antithetic and baseline must be bools, got {antithetic!r}, {baseline!r}")
         if antithetic and directions % 2:
-            raise ValueError(f"ulr: antithetic sampling needs an even number of copies, got {directions} "
+            raise ValueError(f"antithetic sampling needs an even number of copies, got {directions} "
                              "(option directions)")
         if baseline and not antithetic and directions < 2:
-            raise ValueError(f"ulr: a leave-one-out baseline needs directions >= 2, got {directions}")
+            raise ValueError(f"a leave-one-out baseline needs directions >= 2, got {directions}")
         self.antithetic = antithetic
         self.baseline = baseline
-        self.blocks = blocks
+        self.blocks = check_block_spec(blocks)
 
     @property
     def copies(self) -> int:

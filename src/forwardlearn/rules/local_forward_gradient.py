@@ -7,7 +7,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..blocks import BlockSpec, cut_forward, select_blocks
+from ..blocks import BlockSpec, check_block_spec, cut_forward, select_blocks
 from ..forward_only.forward_mode import jvp_loss
 from ..forward_only.local import give_grad
 from ..models.resnet import BasicBlock
@@ -129,9 +129,9 @@ class LocalForwardGradient(Rule):
                  seed: int | None = None) -> None:
         super().__init__(loss=loss, seed=seed)
         if projection not in ("global", "block"):
-            raise ValueError(f"{self.name}: projection must be 'global' or 'block', got {projection!r}")
+            raise ValueError(f"projection must be 'global' or 'block', got {projection!r}")
         self.projection = projection
-        self.blocks = blocks
+        self.blocks = check_block_spec(blocks)
 
     def _hooked(self, model: nn.Module) -> bool:
         """Cut at chosen blocks (any model, or a ``Sequential`` with ``blocks=`` given) rather than layer by layer."""

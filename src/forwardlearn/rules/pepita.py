@@ -61,7 +61,7 @@ def lr_schedule(epochs: int, milestones: tuple[float, ...] = (0.6, 0.9), gamma: 
 
 def _number(v: Any, what: str, positive: bool = False) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0 or (positive and v == 0):
-        raise ValueError(f"pepita: {what} must be a {'positive' if positive else 'non-negative'} number, got {v!r}")
+        raise ValueError(f"{what} must be a {'positive' if positive else 'non-negative'} number, got {v!r}")
     return float(v)
 
 
@@ -127,14 +127,14 @@ class Pepita(Rule):
         self.feedback_scale = _number(feedback_scale, "feedback_scale", positive=True)
         self.weight_decay = _number(weight_decay, "weight_decay")
         if not isinstance(mirror, bool):
-            raise ValueError(f"pepita: mirror must be True or False, got {mirror!r}")
+            raise ValueError(f"mirror must be True or False, got {mirror!r}")
         self.mirror = mirror
         self.mirror_lr = _number(mirror_lr, "mirror_lr", positive=True)
         self.mirror_weight_decay = _number(mirror_weight_decay, "mirror_weight_decay")
         self.mirror_noise = _number(mirror_noise, "mirror_noise", positive=True)
         for key, val, low in (("mirror_every", mirror_every, 1), ("premirror_steps", premirror_steps, 0)):
             if isinstance(val, bool) or not isinstance(val, int) or val < low:
-                raise ValueError(f"pepita: {key} must be an integer >= {low}, got {val!r}")
+                raise ValueError(f"{key} must be an integer >= {low}, got {val!r}")
         self.mirror_every = mirror_every
         self.premirror_steps = premirror_steps
         #: the feedback: ``[F]`` (``d_in x C``) when fixed, ``[B_1, ..., B_L]`` when mirrored
