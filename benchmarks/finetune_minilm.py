@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from forwardlearn.bench.finetune import ROWS, cost_rows
+from forwardlearn.bench.finetune import ROWS, accuracy_markdown, cost_markdown, cost_rows
 
 
 def accuracy_part(args: argparse.Namespace, results: dict[str, Any]) -> None:
@@ -76,41 +76,9 @@ def write(results: dict[str, Any], args: argparse.Namespace) -> None:
 
 
 def markdown(results: dict[str, Any]) -> str:
-    lines = ["# Fine-tuning MiniLM on SpamAssassin", ""]
-    cost = results.get("cost")
-    if cost:
-        s = cost["settings"]
-        inf = next(r for r in cost["rows"] if r["row"] == "inference")
-        lines += [f"Memory and time: batch {s['batch_size']}, max length {s['max_length']}, {s['threads']} threads; "
-                  f"`{cost['command']}`", "",
-                  "| row | trained parameters | peak MB above baseline | x inference | step / forward |",
-                  "|---|---:|---:|---:|---:|"]
-        for r in cost["rows"]:
-            ratio = r["step_seconds"] / r["forward_seconds"]
-            lines.append(f"| {r['row']} | {r['trainable']:,} | {r['peak_bytes'] / 2**20:.0f} | "
-                         f"{r['peak_bytes'] / inf['peak_bytes']:.2f} | {ratio:.2f} |")
-        lines.append("")
-    acc = results.get("accuracy")
-    if acc or results.get("probe"):
-        commands = sorted({v.get("command", "") for v in (acc or {}).values()})
-        lines += ["Accuracy, each row from the same linear-probe start: " + "; ".join(f"`{c}`" for c in commands),
-                  "", "| row | steps | training minutes | lr | test acc | hard-ham acc |",
-                  "|---|---:|---:|---:|---:|---:|"]
-        p = results.get("probe")
-        if p:
-            lines.append(f"| linear probe on frozen features ({p['train_messages']} messages) | 0 | - | - | "
-                         f"{100 * p['test_acc']:.2f} % | {100 * p['hard_ham_acc']:.1f} % |")
-        for row, v in (acc or {}).items():
-            last = v["records"][-1]
-            minutes = sum(r.get("seconds", 0.0) for r in v["records"]) / 60
-            lines.append(f"| {row} | {last.get('step')} | {minutes:.1f} | {v['config']['lr']:g} | "
-                         f"{100 * last.get('test_acc', float('nan')):.2f} % | "
-                         f"{100 * last.get('hard_ham_acc', float('nan')):.1f} % |")
-        if acc:
-            first = next(iter(acc.values()))["config"]
-            lines += ["", f"Test subset: {first['test_size']} messages (seeded, stratified); max length "
-                      f"{first['max_length']}; batch {first['batch_size']}. Curves: `finetune_minilm.png`."]
-    return "\n".join(lines) + "\n"
+    cost = cost_markdown(results)
+    return "\n".join(["# Fine-tuning MiniLM on SpamAssassin", "", *([cost, ""] if cost else []),
+                      accuracy_markdown(results)]).rstrip("\n") + "\n"
 
 
 def main() -> None:

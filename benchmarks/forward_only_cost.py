@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 
 import forwardlearn as fl
+from forwardlearn.bench.forward_only import cost_markdown
 from forwardlearn.forward_only import CHUNK, Directions, jvp_loss
 
 RULES: dict[str, dict[str, Any]] = {
@@ -232,31 +233,7 @@ def main() -> None:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(res, f, indent=1)
-        Path(args.json).with_suffix(".md").write_text(markdown(res))
-
-
-#: the targets of the low-rank step (ratio name -> bound), shown beside the measured values
-TARGETS = {
-    "zo lowrank fused step / forward": 2.2,
-    "zo lowrank fused step / backprop step": 0.85,
-    "memory: zo lowrank fused step / inference": 1.05,
-}
-
-
-def markdown(res: dict[str, Any]) -> str:
-    """The results as a Markdown table of ratios, with the command and the machine's load."""
-    w = "-".join(str(v) for v in res["widths"])
-    out = [f"Command: `{res['command']}`  ",
-           f"MLP {w}, batch {res['batch']}, {res['threads']} threads, medians of {res['reps']} interleaved rounds; "
-           f"torch {res['torch']}, {res['cpus']} CPUs, load average {res['load_average_before']:.1f} before and "
-           f"{res['load_average_after']:.1f} after the run (a shared machine: ratios, not seconds, carry over).",
-           "", "| ratio | measured | target |", "|---|---:|---:|"]
-    for k, v in res["ratios"].items():
-        out.append(f"| {k} | {v:.3f} | {'<= ' + str(TARGETS[k]) if k in TARGETS else ''} |")
-    if "peak_bytes" in res:
-        out += ["", "| peak memory above the process baseline | MiB |", "|---|---:|"]
-        out += [f"| {k} | {v / 2**20:.1f} |" for k, v in res["peak_bytes"].items()]
-    return "\n".join(out) + "\n"
+        Path(args.json).with_suffix(".md").write_text(cost_markdown(res))
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 
 import forwardlearn as fl
+from forwardlearn.bench.forward_only import lowrank_accuracy_markdown
 
 FORMS: dict[str, dict[str, Any]] = {"full": {}, "lowrank (rank 1)": {"perturbation": "lowrank"}}
 
@@ -60,17 +60,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(res, indent=1))
-    lines = [f"Command: `{res['command']}`  ",
-             f"`zo_spsa` on {args.data} with its defaults ({json.dumps(res['defaults'])}), seeds {args.seeds}; "
-             "equal steps for both forms.", "",
-             "| perturbation | test accuracy, mean +- sd (%) | per seed (%) | seconds per run (mean) |",
-             "|---|---:|---:|---:|"]
-    for form, runs in res["runs"].items():
-        accs = [100 * r["test_acc"] for r in runs]
-        sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        lines.append(f"| {form} | {statistics.mean(accs):.2f} +- {sd:.2f} | {', '.join(f'{a:.2f}' for a in accs)} | "
-                     f"{statistics.mean(r['seconds'] for r in runs):.1f} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    out.with_suffix(".md").write_text(lowrank_accuracy_markdown(res))
     print(out.with_suffix(".md").read_text())
 
 

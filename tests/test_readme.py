@@ -17,7 +17,8 @@ def test_readme_is_what_the_stored_results_generate() -> None:
     # reads only benchmarks/results/*.json (no clock, no machine): fails when a generated block was edited by
     # hand or a results file changed without `forwardlearn bench report --readme README.md`
     text = (ROOT / "README.md").read_text()
-    for name in ("summary", "compare-digits", "bench"):
+    for name in ("summary", "compare-digits", "bench", "architectures", "finetune-cost", "finetune-accuracy",
+                 "zo-lowrank-cost", "zo-lowrank-accuracy"):
         assert blocks.BEGIN.format(name) in text and blocks.END.format(name) in text, name
     assert readme_text(ROOT / "benchmarks" / "results", ROOT / "README.md") == text
 
@@ -55,3 +56,19 @@ def test_a_missing_results_file_names_the_command_that_makes_it(tmp_path) -> Non
     readme.write_text(f"{blocks.BEGIN.format('compare-digits')}\n{blocks.END.format('compare-digits')}\n")
     with pytest.raises(FileNotFoundError, match="forwardlearn compare --data digits"):
         readme_text(tmp_path, readme)
+
+
+@pytest.mark.parametrize("name, command", [
+    ("architectures", "python benchmarks/architectures.py"),
+    ("finetune-cost", "python benchmarks/finetune_minilm.py --part cost"),
+    ("finetune-accuracy", "python benchmarks/finetune_minilm.py --part accuracy"),
+    ("zo-lowrank-cost", "python benchmarks/forward_only_cost.py"),
+    ("zo-lowrank-accuracy", "python benchmarks/zo_lowrank_accuracy.py"),
+])
+def test_each_new_block_names_the_command_of_its_missing_file(tmp_path, name: str, command: str) -> None:
+    with pytest.raises(FileNotFoundError, match=command.replace(".", r"\.")):
+        blocks.BLOCKS[name](tmp_path, "./")
+    (tmp_path / "finetune_minilm.json").write_text("{}")  # a file without the part the block shows
+    if name.startswith("finetune"):
+        with pytest.raises(FileNotFoundError, match=command.replace(".", r"\.")):
+            blocks.BLOCKS[name](tmp_path, "./")

@@ -120,3 +120,45 @@ def cost_rows(model_dir: str, batch_size: int = 16, max_length: int = 128, threa
                                 warmup=False)
         out.append(result)
     return out
+
+
+def cost_markdown(results: dict[str, Any]) -> str:
+    """The memory and time table of ``finetune_minilm.json`` with its command; ``""`` when it has none."""
+    cost = results.get("cost")
+    if not cost:
+        return ""
+    s = cost["settings"]
+    inf = next(r for r in cost["rows"] if r["row"] == "inference")
+    lines = [f"Memory and time: batch {s['batch_size']}, max length {s['max_length']}, {s['threads']} threads; "
+             f"`{cost['command']}`", "",
+             "| row | trained parameters | peak MB above baseline | x inference | step / forward |",
+             "|---|---:|---:|---:|---:|"]
+    for r in cost["rows"]:
+        lines.append(f"| {r['row']} | {r['trainable']:,} | {r['peak_bytes'] / 2**20:.0f} | "
+                     f"{r['peak_bytes'] / inf['peak_bytes']:.2f} | {r['step_seconds'] / r['forward_seconds']:.2f} |")
+    return "\n".join(lines)
+
+
+def accuracy_markdown(results: dict[str, Any]) -> str:
+    """The accuracy table of ``finetune_minilm.json`` (the probe first) with its commands; ``""`` when none."""
+    acc = results.get("accuracy")
+    p = results.get("probe")
+    if not acc and not p:
+        return ""
+    commands = sorted({v.get("command", "") for v in (acc or {}).values()})
+    lines = ["Accuracy, each row from the same linear-probe start: " + "; ".join(f"`{c}`" for c in commands),
+             "", "| row | steps | training minutes | lr | test acc | hard-ham acc |", "|---|---:|---:|---:|---:|---:|"]
+    if p:
+        lines.append(f"| linear probe on frozen features ({p['train_messages']} messages) | 0 | - | - | "
+                     f"{100 * p['test_acc']:.2f} % | {100 * p['hard_ham_acc']:.1f} % |")
+    for row, v in (acc or {}).items():
+        last = v["records"][-1]
+        minutes = sum(r.get("seconds", 0.0) for r in v["records"]) / 60
+        lines.append(f"| {row} | {last.get('step')} | {minutes:.1f} | {v['config']['lr']:g} | "
+                     f"{100 * last.get('test_acc', float('nan')):.2f} % | "
+                     f"{100 * last.get('hard_ham_acc', float('nan')):.1f} % |")
+    if acc:
+        first = next(iter(acc.values()))["config"]
+        lines += ["", f"Test subset: {first['test_size']} messages (seeded, stratified); max length "
+                  f"{first['max_length']}; batch {first['batch_size']}. Curves: `finetune_minilm.png`."]
+    return "\n".join(lines)

@@ -205,3 +205,75 @@ def summary(results: Path, prefix: str) -> str:
         f"{fwd['parameters'] / 1e6:.1f} M weights of the {mlp['label']}, which is why they train small nets."
     )
     return "\n".join([accuracy, time_, memory, quality]) + "\n"
+
+
+@block("architectures")
+def architectures(results: Path, prefix: str) -> str:
+    """``architectures.json``: every rule on every architecture (accuracy mean ± sd, step time / backprop)."""
+    from .architectures import markdown
+    from .report import hardware
+
+    res = _load(results, "architectures.json", "python benchmarks/architectures.py")
+    return markdown(res, hardware(res["meta"]), res["meta"]["command"])
+
+
+_FINETUNE = "python benchmarks/finetune_minilm.py"
+
+
+@block("finetune-cost")
+def finetune_cost(results: Path, prefix: str) -> str:
+    """``finetune_minilm.json``: memory and time of one fine-tuning step per row, with the command."""
+    from .finetune import cost_markdown
+
+    res = _load(results, "finetune_minilm.json", f"{_FINETUNE} --part cost")
+    if not res.get("cost"):
+        raise FileNotFoundError(f"{results}/finetune_minilm.json: no cost part (made by `{_FINETUNE} --part cost`)")
+    rows = {r["row"]: r for r in res["cost"]["rows"]}
+    zo, bp, inf = rows["zo_spsa fused, full"], rows["backprop + Adam, full"], rows["inference"]
+    return (f"{cost_markdown(res)}\n\nThe fused `zo_spsa` step fine-tunes all {zo['trainable']:,} weights in "
+            f"{zo['peak_bytes'] / inf['peak_bytes']:.2f} × the memory of inference (target: at most 1.1 ×), where "
+            f"backprop + Adam needs {bp['peak_bytes'] / inf['peak_bytes']:.2f} ×.")
+
+
+@block("finetune-accuracy")
+def finetune_accuracy(results: Path, prefix: str) -> str:
+    """``finetune_minilm.json``: test accuracy of every row after its steps, from the linear probe, with the
+    commands."""
+    from .finetune import accuracy_markdown
+
+    res = _load(results, "finetune_minilm.json", f"{_FINETUNE} --part accuracy")
+    if not res.get("accuracy"):
+        raise FileNotFoundError(f"{results}/finetune_minilm.json: no accuracy part "
+                                f"(made by `{_FINETUNE} --part accuracy`)")
+    last = {row: v["records"][-1] for row, v in res["accuracy"].items()}
+    zo, bp, probe = last["zo_spsa fused, full"], last["backprop + Adam, full"], res["probe"]["test_acc"]
+    met = zo["test_acc"] > probe and bp["test_acc"] - zo["test_acc"] <= 0.02
+    return (f"{accuracy_markdown(res)}\n\nBackprop + Adam on all weights reaches {_pct(bp['test_acc'])} in "
+            f"{bp['step']} steps from the probe's {_pct(probe)}; `zo_spsa` on all weights ends at "
+            f"{_pct(zo['test_acc'])} after {zo['step']} steps, so the target (zero-order full fine-tuning above the "
+            f"probe and within 2 points of backprop) is {'met' if met else 'not met'} in this budget.")
+
+
+@block("zo-lowrank-cost")
+def zo_lowrank_cost(results: Path, prefix: str) -> str:
+    """``forward_only_lowrank.json``: the low-rank ``zo_spsa`` fused step against a forward, a backprop step and
+    inference memory, beside the full perturbation and the machine's sweep costs."""
+    from .forward_only import cost_markdown
+
+    res = _load(results, "forward_only_lowrank.json", "python benchmarks/forward_only_cost.py --threads 2 --reps 7 "
+                "--json benchmarks/results/forward_only_lowrank.json")
+    keys = ["zo lowrank fused step / forward", "zo lowrank fused step / backprop step",
+            "memory: zo lowrank fused step / inference", "zo_fused_step / forward", "backprop step / forward",
+            "memory: zo fused step / inference", "plain sweep / forward", "rademacher perturb sweep / forward",
+            "gaussian perturb sweep / forward"]
+    return cost_markdown(res, [k for k in keys if k in res["ratios"]], memory=False)
+
+
+@block("zo-lowrank-accuracy")
+def zo_lowrank_accuracy(results: Path, prefix: str) -> str:
+    """``zo_lowrank_digits.json``: ``zo_spsa`` test accuracy with full and low-rank perturbations over seeds."""
+    from .forward_only import lowrank_accuracy_markdown
+
+    res = _load(results, "zo_lowrank_digits.json",
+                "python benchmarks/zo_lowrank_accuracy.py --seeds 0,1,2 --out benchmarks/results/zo_lowrank_digits")
+    return lowrank_accuracy_markdown(res)
