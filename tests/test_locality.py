@@ -49,7 +49,7 @@ def _readme_backward() -> dict[str, str]:
         cells = [c.strip() for c in re.split(r"\s\|\s", line.strip().strip("|"))]  # `a|b` inside a cell stays
         name = re.fullmatch(r"`(\w+)`", cells[0])
         assert name, f"README rule table row without a `rule` name: {line}"
-        value = cells[col]
+        value = cells[col].split(" (")[0]  # "none (...)": a note on where the rule leaves its default path
         out[name.group(1)] = "local" if value.startswith("local") else COLUMN.get(value, value)
     return out
 
