@@ -60,3 +60,14 @@ def test_samples_validated():
     model, x, y = _problem()
     with pytest.raises(ValueError, match="samples"):
         fl.diagnostics.gradient_alignment(model, fl.get_rule("backprop"), x, y, samples=0)
+
+
+def test_a_rule_that_widens_the_first_layer_is_compared_on_the_widened_model():
+    # random inputs carry values in the first C features, so ff puts the label in front and widens the first
+    # Linear inside grads: the estimate has the widened shape, and the exact gradient must be taken on that model
+    model, x, y = _problem()
+    model = fl.models.mlp(4, [6, 6], 3, activation="relu")
+    out = fl.diagnostics.gradient_alignment(model, fl.get_rule("ff", seed=0), x, y, samples=2)
+    assert model[1].weight.shape == (6, 4)  # the caller's model is not widened
+    assert "1.weight" in out["per_parameter"]
+    assert all(-1.0 <= c <= 1.0 for c in out["cosine_per_sample"])  # a number: NaN fails this

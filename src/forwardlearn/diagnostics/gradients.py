@@ -82,7 +82,7 @@ def gradient_alignment(
     if any(e.shape != t.shape for e, t in zip(estimates[0], truth)):
         # the rule reshaped a parameter in place (Forward-Forward widens the first layer for the label): compare
         # with the exact gradient of the reshaped model, whose forward takes the same inputs
-        exact = true_gradient(rule, copy.deepcopy(work), inputs, targets)
+        exact = true_gradient(copy.deepcopy(work), rule, inputs, targets)
         truth = [exact[i] for i in keep]
     pnames = [pnames[i] for i in keep]
     mean = [torch.stack([e[i] for e in estimates]).mean(0) for i in range(len(keep))]
