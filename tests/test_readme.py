@@ -18,7 +18,8 @@ def test_readme_is_what_the_stored_results_generate() -> None:
     # hand or a results file changed without `forwardlearn bench report --readme README.md`
     text = (ROOT / "README.md").read_text()
     for name in ("summary", "compare-digits", "bench", "architectures", "finetune-cost", "finetune-accuracy",
-                 "zo-lowrank-cost", "zo-lowrank-accuracy"):
+                 "zo-lowrank-cost", "zo-lowrank-accuracy", "forward-only-cost", "biotorch-lenet", "ff-mnist",
+                 "distributed-bytes", "ep-cost"):
         assert blocks.BEGIN.format(name) in text and blocks.END.format(name) in text, name
     assert readme_text(ROOT / "benchmarks" / "results", ROOT / "README.md") == text
 
@@ -64,6 +65,11 @@ def test_a_missing_results_file_names_the_command_that_makes_it(tmp_path) -> Non
     ("finetune-accuracy", "python benchmarks/finetune_minilm.py --part accuracy"),
     ("zo-lowrank-cost", "python benchmarks/forward_only_cost.py"),
     ("zo-lowrank-accuracy", "python benchmarks/zo_lowrank_accuracy.py"),
+    ("forward-only-cost", "python benchmarks/forward_only_cost.py"),
+    ("biotorch-lenet", "python benchmarks/biotorch_lenet.py --epochs 10"),
+    ("ff-mnist", "python benchmarks/ff_mnist.py --recipe hinton"),
+    ("distributed-bytes", "python benchmarks/distributed_bytes.py"),
+    ("ep-cost", "forwardlearn bench cost"),
 ])
 def test_each_new_block_names_the_command_of_its_missing_file(tmp_path, name: str, command: str) -> None:
     with pytest.raises(FileNotFoundError, match=command.replace(".", r"\.")):

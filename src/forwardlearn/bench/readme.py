@@ -277,3 +277,6 @@ def zo_lowrank_accuracy(results: Path, prefix: str) -> str:
     res = _load(results, "zo_lowrank_digits.json",
                 "python benchmarks/zo_lowrank_accuracy.py --seeds 0,1,2 --out benchmarks/results/zo_lowrank_digits")
     return lowrank_accuracy_markdown(res)
+
+
+from . import readme_repro  # noqa: E402,F401  (registers the reproduction blocks)
