@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from .data.batches import call_model
+from .data.batches import call_model, logits_of
 from .models.resnet import BasicBlock
 
 BlockSpec = None | str | type | Sequence[str] | Sequence[type]
@@ -114,15 +114,11 @@ def select_blocks(model: nn.Module, spec: BlockSpec = None, rule: str = "blocks"
 
 
 def first_tensor(value: Any) -> Tensor:
-    """Element 0 of a block's output when it is a tuple/list, ``.logits`` or ``[0]`` of a model output, else it."""
-    if isinstance(value, Tensor):
-        return value
+    """Element 0 of a block's output when it is a tuple/list, else the tensor or ``.logits``
+    (:func:`~forwardlearn.data.batches.logits_of`)."""
     if isinstance(value, (tuple, list)) and value and isinstance(value[0], Tensor):
         return value[0]
-    logits = getattr(value, "logits", None)
-    if isinstance(logits, Tensor):
-        return logits
-    raise TypeError(f"expected a tensor (or a tuple starting with one), got {type(value).__name__}")
+    return logits_of(value)
 
 
 def replace_first(value: Any, new: Tensor) -> Any:
