@@ -295,7 +295,7 @@ class ScoreFunction:
     @torch.no_grad()
     def estimate(self, evaluator: Evaluator, model: nn.Module, inputs: Tensor, targets: Tensor,
                  units: list[tuple[str, nn.Module]], noise: UnitNoise) -> LocalEstimate:
-        k, n = noise.copies, inputs.shape[0]
+        k, n = noise.directions, inputs.shape[0]
         coupled = couples_examples(model)
         call = [-1, 0]  # the copy being run (coupled models run one copy per pass), the unit call's position in it
 

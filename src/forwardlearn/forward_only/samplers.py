@@ -28,7 +28,7 @@ from functools import cached_property
 import torch
 from torch import Tensor, nn
 
-from ..rules.base import trainable_parameters
+from ..rules.base import check_int, trainable_parameters
 from .directions import DISTRIBUTIONS, Directions, flat_view
 from .forward_mode import RankOne, Tangent
 from .lowrank import LowRank, Plan, plan
@@ -169,8 +169,8 @@ class LowRankSampler(FullSampler):
 
     def __init__(self, distribution: str = "rademacher", rank: int = 1) -> None:
         super().__init__(distribution)
-        self.rank = rank
-        self.lowrank = LowRank(distribution, rank)
+        self.rank = check_int(rank, "rank")
+        self.lowrank = LowRank(distribution, self.rank)
 
     def frame(self, model: nn.Module | None, params: list[nn.Parameter] | None = None) -> Frame:
         params = _params(model, params)
@@ -287,13 +287,13 @@ class UnitNoise:
     """Standard Gaussian noise on the outputs of perturbed units (activity perturbation), drawn from ``generator``
     in the order the units run; one generator stream replays the noise exactly.
 
-    ``pairs`` (antithetic sampling): the batch holds ``K`` copies of ``N`` examples; copy ``k + K/2`` gets the
-    negation of copy ``k``'s noise, either inside one repeated batch (:meth:`paired`) or across the ``K`` passes
-    of a model whose examples are coupled by batch statistics (:meth:`draw_copy`)."""
+    ``pairs`` (antithetic sampling): the batch holds ``K = directions`` copies of ``N`` examples; copy ``k + K/2``
+    gets the negation of copy ``k``'s noise, either inside one repeated batch (:meth:`paired`) or across the ``K``
+    passes of a model whose examples are coupled by batch statistics (:meth:`draw_copy`)."""
 
-    def __init__(self, generator: torch.Generator, copies: int = 1, pairs: bool = False) -> None:
+    def __init__(self, generator: torch.Generator, directions: int = 1, pairs: bool = False) -> None:
         self.generator = generator
-        self.copies = copies
+        self.directions = directions
         self.pairs = pairs
         self._first_half: list[Tensor] = []
 
@@ -303,7 +303,7 @@ class UnitNoise:
 
     def paired(self, like: Tensor, examples: int) -> Tensor:
         """Noise for ``like`` (``K N`` rows: ``K`` copies of ``N`` examples), ``[e, -e]`` over the two halves."""
-        k = self.copies
+        k = self.directions
         half = torch.randn((k // 2, examples, *like.shape[1:]), generator=self.generator, dtype=like.dtype,
                            device=like.device)
         return torch.cat([half, -half]).view(like.shape)
@@ -311,7 +311,7 @@ class UnitNoise:
     def draw_copy(self, like: Tensor, copy: int, position: int, units: int) -> Tensor:
         """Noise for the ``position``-th unit call of copy ``copy`` when every copy runs as its own pass: with
         ``pairs``, copy ``k + K/2`` reuses copy ``k``'s noise negated."""
-        half = self.copies // 2
+        half = self.directions // 2
         if self.pairs and copy >= half:
             return -self._first_half[(copy - half) * units + position]
         eps = self.draw(like)

@@ -3,9 +3,10 @@
 - ``forward_gradient`` (Baydin et al. 2022): weight perturbation, ``g = (grad . v) v``;
 - ``activity_forward_gradient`` (Ren et al. 2022): perturb every layer's output instead of its weights.
 
-``local_forward_gradient`` (Fournier et al. 2023) is in :mod:`.local_forward_gradient`; the parts all three
-are built from (seeded directions, forward-mode evaluation, local gradients) are in
-:mod:`forwardlearn.forward_only`.
+Both are compositions of the parts in :mod:`forwardlearn.forward_only`: ``forward_gradient`` = a weight sampler
+(``full`` or ``rank1``) x :class:`~forwardlearn.forward_only.estimators.ForwardMode` x ``ToGrad``;
+``activity_forward_gradient`` = ``UnitNoise`` x ``ActivityForwardMode`` x ``local_to_grad``; both run by the shared
+``Evaluator``. ``local_forward_gradient`` (Fournier et al. 2023) is in :mod:`.local_forward_gradient`.
 """
 
 from __future__ import annotations

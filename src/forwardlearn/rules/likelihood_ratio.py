@@ -1,4 +1,9 @@
-"""The likelihood-ratio (score-function) gradient from one noisy forward pass, no backward pass at all."""
+"""The likelihood-ratio (score-function) gradient from one noisy forward pass, no backward pass at all.
+
+``ulr`` is a composition of the parts in :mod:`forwardlearn.forward_only`: ``UnitNoise`` x
+:class:`~forwardlearn.forward_only.estimators.ScoreFunction` with a variance reduction of
+:mod:`~forwardlearn.forward_only.variance` x ``local_to_grad``, run by the shared ``Evaluator``.
+"""
 
 from __future__ import annotations
 

@@ -1,4 +1,9 @@
-"""Zeroth-order SPSA with regenerated perturbations (MeZO / BAFFLE): gradients from loss values only."""
+"""Zeroth-order SPSA with regenerated perturbations (MeZO / BAFFLE): gradients from loss values only.
+
+``zo_spsa`` is a composition of the forward-only parts (:mod:`forwardlearn.forward_only`): a weight sampler
+(``full`` or ``lowrank``) x :class:`~forwardlearn.forward_only.estimators.FiniteDifference` x the applicator
+``ToGrad`` (``grads``/``apply``) or ``FusedSGD`` (``fused_apply``/``fused_step``), run by the shared ``Evaluator``.
+"""
 
 from __future__ import annotations
 
