@@ -94,6 +94,20 @@ def test_sampler_regenerates_the_same_direction_everywhere(dist, tangent):
     for d, w, a in zip(dense, written, added):
         assert torch.equal(d, w)
         torch.testing.assert_close(a, 2 * d, rtol=0, atol=0)
+    with torch.no_grad():  # in place: from zero weights, +v on the parameters the sampler writes (lowrank: the rest)
+        for p in frame.params:
+            p.zero_()
+        s.perturb_(frame, 12345, 1.0)
+        for i, (p, d) in enumerate(zip(frame.params, dense)):
+            assert torch.equal(p, d if i in frame.inplace else torch.zeros_like(p))
+        assert (tangent == "lowrank") == (len(frame.inplace) < len(frame.params))
+        # the rest inside the layers' forward: the model then computes at weights v (lowrank: U (V^T x) instead of
+        # (U V^T) x, equal up to float64 rounding)
+        x = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+        with s.inside(frame, 12345, 1.0):
+            out = model(x)
+        at_v = torch.func.functional_call(model, {n: d for (n, _), d in zip(model.named_parameters(), dense)}, (x,))
+        torch.testing.assert_close(out, at_v, rtol=1e-12, atol=1e-12)
     if tangent == "lowrank":
         with pytest.raises(ValueError, match="no forward-mode tangent"):
             s.tangent_of(frame, 12345)
