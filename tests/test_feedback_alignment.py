@@ -13,11 +13,12 @@ from torch import nn
 
 import forwardlearn as fl
 from forwardlearn.rules.direct_feedback_alignment import dfa_feedback
-from forwardlearn.rules.feedback_alignment import (
+from forwardlearn.rules.feedback_parts import (
     FeedbackConv2d,
     FeedbackConv2dFn,
     FeedbackLinear,
     FeedbackLinearFn,
+    _premultiply,
     effective_feedback,
     feedback_active,
     feedback_layers,
@@ -271,8 +272,6 @@ def test_pfa_both_orders_of_the_feedback_products_agree(monkeypatch, premultiply
 
 
 def test_pfa_premultiplies_where_it_is_cheaper():
-    from forwardlearn.rules.feedback_parts import _premultiply
-
     # LeNet's second convolution at batch 64: 64 x 14 x 14 rows, 16 channels, expand 10, 6 x 5 x 5 inputs
     assert _premultiply(64 * 14 * 14, 16, 160, 150, True)
     # a 1000-unit layer on a batch of 8: B R would cost more than the whole batch
