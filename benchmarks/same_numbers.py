@@ -32,11 +32,12 @@ def compare_rows(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def accuracy_rows(result: dict[str, Any]) -> dict[str, dict[str, Any]]:
-    """``forwardlearn bench accuracy``: one row per run (a rule, a setup and a seed)."""
+    """``forwardlearn bench accuracy``: one row per run (a rule, a setup and a seed) that ran (``--only`` lists
+    the others as ``not run``)."""
     return {r["spec"]["id"]: {"status": r.get("status"), "final": r.get("final"), "best": r.get("best"),
                               "test_acc": [e.get("test_acc") for e in r.get("history") or []],
                               "loss": [e.get("loss") for e in r.get("history") or []]}
-            for r in result["runs"]}
+            for r in result["runs"] if r.get("status") != "not run"}
 
 
 def rows_of(path: Path) -> dict[str, dict[str, Any]]:
