@@ -101,19 +101,25 @@ def _emulated(rule_name: str, world: int, steps_data, hidden=(16,), **opts):
     return model, tr
 
 
-@pytest.mark.parametrize("rule_name", ["zo_spsa", "forward_gradient"])
-def test_step_is_the_mean_over_all_ranks_of_seeded_estimates(digits, rule_name):
+@pytest.mark.parametrize("rule_name,opts,restore", [
+    ("zo_spsa", {}, True),
+    ("forward_gradient", {}, True),
+    # the low-rank forwards never write a weight: bit for bit even without restoring the weights by hand
+    ("zo_spsa", {"perturbation": "lowrank"}, False),
+])
+def test_step_is_the_mean_over_all_ranks_of_seeded_estimates(digits, rule_name, opts, restore):
     """A step equals, by hand: every rank estimates with its own stream seed on its own batch, scalars
     rounded to float32 (the wire), then one apply of all seeds and one Adam step -- bit for bit."""
     (X, y), _ = digits
     world = 2
     steps = [{r: (X[32 * s + 16 * r: 32 * s + 16 * r + 16], y[32 * s + 16 * r: 32 * s + 16 * r + 16])
               for r in range(world)} for s in range(2)]
-    model, _ = _emulated(rule_name, world, steps, directions=3)
+    model, _ = _emulated(rule_name, world, steps, directions=3, **opts)
 
     torch.manual_seed(0)
     ref = fl.models.mlp(64, [16], 10)
-    rule = fl.get_rule(rule_name, seed=0, directions=3)
+    init = [p.detach().clone() for p in ref.parameters()]
+    rule = fl.get_rule(rule_name, seed=0, directions=3, **opts)
     opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
     for s, batches in enumerate(steps, start=1):
         seeds, scalars = [], []
@@ -121,9 +127,10 @@ def test_step_is_the_mean_over_all_ranks_of_seeded_estimates(digits, rule_name):
         for r in range(world):
             rule.generator("cpu").manual_seed(stream_seed(5, s, r))
             sd, sc, _ = rule.estimate(ref, *batches[r])
-            with torch.no_grad():
-                for p, q in zip(ref.parameters(), snap):
-                    p.copy_(q)
+            if restore:
+                with torch.no_grad():
+                    for p, q in zip(ref.parameters(), snap):
+                        p.copy_(q)
             seeds += sd
             scalars.append(sc.to(torch.float32))
         opt.zero_grad()
@@ -131,6 +138,7 @@ def test_step_is_the_mean_over_all_ranks_of_seeded_estimates(digits, rule_name):
         opt.step()
     for a, b in zip(model.parameters(), ref.parameters()):
         assert torch.equal(a, b)
+    assert not all(torch.equal(a, b) for a, b in zip(model.parameters(), init))  # the steps moved the weights
 
 
 def test_wire_bytes_do_not_depend_on_the_model_size():

@@ -13,11 +13,12 @@ from torch import nn
 
 import forwardlearn as fl
 from forwardlearn.rules.direct_feedback_alignment import dfa_feedback
-from forwardlearn.rules.feedback_alignment import (
+from forwardlearn.rules.feedback_parts import (
     FeedbackConv2d,
     FeedbackConv2dFn,
     FeedbackLinear,
     FeedbackLinearFn,
+    _premultiply,
     effective_feedback,
     feedback_active,
     feedback_layers,
@@ -243,7 +244,7 @@ def test_pfa_conv_matches_definition():
 def test_pfa_both_orders_of_the_feedback_products_agree(monkeypatch, premultiply, need_w):
     # dx = (g B) R or g (B R); dR = (g B)^T x or B^T (g^T x): the same numbers (float64, to rounding),
     # whichever order the cost model picks, for Linear and Conv2d, with the weight frozen or not
-    import forwardlearn.rules.feedback_alignment as fa_mod
+    import forwardlearn.rules.feedback_parts as parts
 
     torch.manual_seed(0)
     lin = (torch.randn(5, 6, dtype=torch.float64, requires_grad=True), torch.randn(4, 6, dtype=torch.float64),
@@ -253,7 +254,7 @@ def test_pfa_both_orders_of_the_feedback_products_agree(monkeypatch, premultiply
             torch.randn(4, 8, dtype=torch.float64))
     results = {}
     for choice in (premultiply, not premultiply):
-        monkeypatch.setattr(fa_mod, "_premultiply", lambda *a, c=choice: c)
+        monkeypatch.setattr(parts, "_premultiply", lambda *a, c=choice: c)
         got = []
         for kind, (x, w, r, b) in (("linear", lin), ("conv", conv)):
             w = w.clone().requires_grad_(need_w)
@@ -271,8 +272,6 @@ def test_pfa_both_orders_of_the_feedback_products_agree(monkeypatch, premultiply
 
 
 def test_pfa_premultiplies_where_it_is_cheaper():
-    from forwardlearn.rules.feedback_alignment import _premultiply
-
     # LeNet's second convolution at batch 64: 64 x 14 x 14 rows, 16 channels, expand 10, 6 x 5 x 5 inputs
     assert _premultiply(64 * 14 * 14, 16, 160, 150, True)
     # a 1000-unit layer on a batch of 8: B R would cost more than the whole batch

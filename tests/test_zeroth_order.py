@@ -8,6 +8,12 @@ import torch.nn.functional as F
 
 import forwardlearn as fl
 import forwardlearn.rules.zeroth_order as zo
+from _zo_checks import (
+    apply_reproduces_grads,
+    fused_apply_is_sgd_without_grad,
+    fused_step_equals_grads_plus_sgd,
+    mlp_problem,
+)
 
 
 @pytest.fixture(params=["inplace", "batched"])
@@ -25,14 +31,6 @@ def _assert_close(a, b, atol=1e-12, rtol=1e-9):
     bad = (a - b).abs() > atol + rtol * b.abs()
     assert not bool(bad.any()), f"max |a - b| = {float((a - b).abs().max())}"
 
-def _problem(n=16):
-    """A tiny float64 MLP (4 -> 5 -> 3, tanh: 43 parameters) on random data."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, 4, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (n,), generator=g)
-    torch.manual_seed(2)
-    return fl.models.mlp(4, [5], 3, activation="tanh").double(), x, y
-
 
 def _true_grad(model, x, y):
     gs = torch.autograd.grad(F.cross_entropy(model(x), y), list(model.parameters()))
@@ -49,7 +47,7 @@ def _weights(model):
 
 @pytest.mark.parametrize("difference", ["central", "forward"])
 def test_mean_of_estimates_converges_to_backprop_like_one_over_sqrt_n(difference, mode):
-    model, x, y = _problem()
+    model, x, y = mlp_problem()
     g = _true_grad(model, x, y)
     # float64 and eps 1e-6: the finite-difference bias is O(eps^2) (central) or O(eps) (forward),
     # orders of magnitude below the sampling error studied here
@@ -71,7 +69,7 @@ def test_mean_of_estimates_converges_to_backprop_like_one_over_sqrt_n(difference
 
 
 def test_estimate_touches_no_grad_and_restores_the_weights(mode):
-    model, x, y = _problem()
+    model, x, y = mlp_problem()
     w0 = _weights(model)
     rule = fl.get_rule("zo_spsa", directions=5, eps=1e-3, seed=0)
     seeds, scalars, loss = rule.estimate(model, x, y)
@@ -83,7 +81,7 @@ def test_estimate_touches_no_grad_and_restores_the_weights(mode):
 
 
 def test_estimate_is_the_finite_difference_along_the_regenerated_direction():
-    model, x, y = _problem()
+    model, x, y = mlp_problem()
     rule = fl.get_rule("zo_spsa", directions=1, eps=1e-4, seed=3)
     seeds, scalars, _ = rule.estimate(model, x, y)
     z = [rule._dirs.param(seeds[0], [p.numel() for p in model.parameters()], i, p.detach())
@@ -95,43 +93,17 @@ def test_estimate_is_the_finite_difference_along_the_regenerated_direction():
 
 
 def test_apply_reproduces_grads_bit_identically(mode):
-    model, x, y = _problem()
-    a, b = copy.deepcopy(model), copy.deepcopy(model)
-    seeds, scalars, _ = fl.get_rule("zo_spsa", directions=3, seed=4).estimate(a, x, y)
-    fl.get_rule("zo_spsa", directions=3, seed=9).apply(a, seeds, scalars)  # any rule instance can apply
-    fl.get_rule("zo_spsa", directions=3, seed=4).grads(b, x, y)
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p.grad, q.grad)
+    apply_reproduces_grads(*mlp_problem())
 
 
 @pytest.mark.parametrize("difference,directions,wd", [("central", 1, 0.0), ("central", 3, 0.01),
                                                       ("forward", 2, 0.1)])
 def test_fused_step_equals_grads_plus_sgd(difference, directions, wd, mode):
-    model, x, y = _problem()
-    a, b = copy.deepcopy(model), copy.deepcopy(model)
-    ra = fl.get_rule("zo_spsa", directions=directions, difference=difference, seed=7)
-    rb = fl.get_rule("zo_spsa", directions=directions, difference=difference, seed=7)
-    opt = torch.optim.SGD(b.parameters(), lr=0.05, weight_decay=wd)
-    for _ in range(3):
-        la = ra.fused_step(a, x, y, lr=0.05, weight_decay=wd)
-        opt.zero_grad()
-        lb = rb.grads(b, x, y)
-        opt.step()
-        assert la == pytest.approx(lb, rel=1e-12)
-    assert all(p.grad is None for p in a.parameters())
-    # same seeds, same arithmetic up to the order of float64 roundings (restore folded into the update)
-    _assert_close(_weights(a), _weights(b), rtol=0.0, atol=1e-13)
+    fused_step_equals_grads_plus_sgd(*mlp_problem(), wd, directions=directions, difference=difference)
 
 
 def test_fused_apply_is_sgd_without_grad():
-    model, x, y = _problem()
-    a, b = copy.deepcopy(model), copy.deepcopy(model)
-    rule = fl.get_rule("zo_spsa", directions=2, seed=1)
-    seeds, scalars, _ = rule.estimate(a, x, y)
-    rule.fused_apply(a, seeds, scalars, lr=0.1, weight_decay=0.01)
-    rule.apply(b, seeds, scalars)
-    torch.optim.SGD(b.parameters(), lr=0.1, weight_decay=0.01).step()
-    _assert_close(_weights(a), _weights(b), rtol=0.0, atol=1e-14)
+    fused_apply_is_sgd_without_grad(*mlp_problem())
 
 
 def test_chunking_spans_parameters_larger_than_a_chunk(mode):
@@ -150,7 +122,7 @@ def test_chunking_spans_parameters_larger_than_a_chunk(mode):
 
 
 def test_non_finite_loss_restores_weights_and_raises(mode):
-    model, x, y = _problem()
+    model, x, y = mlp_problem()
     w0 = _weights(model)
     x = x.clone()
     x[0, 0] = float("nan")

@@ -1,7 +1,5 @@
 """zo_spsa with perturbation="lowrank": unbiasedness, weights never written by the perturbed forwards, fused vs
-.grad equality, Conv2d, the seed-and-scalar exchange (replay, emulated ranks), option errors."""
-
-import copy
+.grad equality, Conv2d, replay of the seed-and-scalar log, option errors (the emulated ranks: test_distributed.py)."""
 
 import pytest
 import torch
@@ -10,9 +8,14 @@ from torch import nn
 
 import forwardlearn as fl
 import forwardlearn.rules.zeroth_order as zo
+from _zo_checks import (
+    apply_reproduces_grads,
+    fused_apply_is_sgd_without_grad,
+    fused_step_equals_grads_plus_sgd,
+    mlp_problem,
+)
 from forwardlearn.distributed import SeedScalarTrainer, replay
 from forwardlearn.distributed.replay import build_from_config
-from forwardlearn.distributed.wire import stream_seed
 
 LOWRANK = {"perturbation": "lowrank"}
 
@@ -23,15 +26,6 @@ def mode(request, monkeypatch):
     if request.param == "hooks":
         monkeypatch.setattr(zo, "BATCHED_LIMIT", 0)
     return request.param
-
-
-def _mlp(n=16):
-    """A float64 MLP 4 -> 5 -> 3 (tanh, 43 parameters) on random data."""
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(n, 4, generator=g, dtype=torch.float64)
-    y = torch.randint(0, 3, (n,), generator=g)
-    torch.manual_seed(2)
-    return fl.models.mlp(4, [5], 3, activation="tanh").double(), x, y
 
 
 class _ConvNet(nn.Module):
@@ -78,7 +72,7 @@ def _directions(rule, model, seeds):
     return out
 
 
-@pytest.mark.parametrize("problem,rank", [(_mlp, 1), (_mlp, 3), (_cnn, 1), (_cnn, 2)])
+@pytest.mark.parametrize("problem,rank", [(mlp_problem, 1), (mlp_problem, 3), (_cnn, 1), (_cnn, 2)])
 def test_scalar_is_the_directional_derivative_along_the_low_rank_direction(problem, rank, mode):
     model, x, y = problem()
     rule = fl.get_rule("zo_spsa", directions=2, eps=1e-6, rank=rank, seed=3, **LOWRANK)
@@ -100,7 +94,7 @@ def test_mean_of_estimates_is_the_gradient():
     value), so N = 30000 gives the norm ratio an sd of about 0.75%. Measured over rule seeds 0-11: norm ratio
     0.977-1.014 (mean 0.998, sd 1.1%), so the 3% bound is 2.7 measured sd; cosine 0.9992-0.9996 (squared
     relative error about 40 / N), far above 0.99."""
-    model, x, y = _mlp()
+    model, x, y = mlp_problem()
     g = _flat(_true_grad(model, x, y))
     rule = fl.get_rule("zo_spsa", directions=30000, eps=1e-6, seed=1, **LOWRANK)
     seeds, scalars, _ = rule.estimate(model, x, y)
@@ -110,7 +104,7 @@ def test_mean_of_estimates_is_the_gradient():
     assert abs(float(est.norm() / g.norm()) - 1) <= 0.03
 
 
-@pytest.mark.parametrize("problem", [_mlp, _cnn])
+@pytest.mark.parametrize("problem", [mlp_problem, _cnn])
 def test_perturbed_forwards_never_write_a_layer_parameter(problem, monkeypatch):
     """During both perturbed forwards every Linear/Conv2d parameter keeps its storage, version and values,
     while the layer's output really is perturbed."""
@@ -138,67 +132,16 @@ def test_perturbed_forwards_never_write_a_layer_parameter(problem, monkeypatch):
     assert int(torch.linalg.matrix_rank(layers[-1].weight.detach() - w0)) == 1
 
 
-@pytest.mark.parametrize("problem", [_mlp, _cnn])
+@pytest.mark.parametrize("problem", [mlp_problem, _cnn])
 @pytest.mark.parametrize("difference,directions,wd,rank", [("central", 1, 0.0, 1), ("central", 3, 0.01, 2),
                                                            ("forward", 2, 0.1, 1)])
 def test_fused_step_equals_grads_plus_sgd(problem, difference, directions, wd, rank, mode):
-    model, x, y = problem()
-    a, b = copy.deepcopy(model), copy.deepcopy(model)
-    opts = {"directions": directions, "difference": difference, "rank": rank, "seed": 7, **LOWRANK}
-    ra, rb = fl.get_rule("zo_spsa", **opts), fl.get_rule("zo_spsa", **opts)
-    opt = torch.optim.SGD(b.parameters(), lr=0.05, weight_decay=wd)
-    for _ in range(3):
-        la = ra.fused_step(a, x, y, lr=0.05, weight_decay=wd)
-        opt.zero_grad()
-        lb = rb.grads(b, x, y)
-        opt.step()
-        assert la == pytest.approx(lb, rel=1e-12)
-    assert all(p.grad is None for p in a.parameters())
-    # same seeds and factors; only the order of float64 roundings differs (lr folded into the factors,
-    # the in-place restore of the LayerNorm folded into the update)
-    for p, q in zip(a.parameters(), b.parameters()):
-        torch.testing.assert_close(p, q, rtol=0.0, atol=1e-13)
+    fused_step_equals_grads_plus_sgd(*problem(), wd, directions=directions, difference=difference, rank=rank,
+                                     **LOWRANK)
 
 
 def test_apply_reproduces_grads_bit_identically():
-    model, x, y = _cnn()
-    a, b = copy.deepcopy(model), copy.deepcopy(model)
-    seeds, scalars, _ = fl.get_rule("zo_spsa", directions=3, seed=4, **LOWRANK).estimate(a, x, y)
-    fl.get_rule("zo_spsa", directions=3, seed=9, **LOWRANK).apply(a, seeds, scalars)  # any instance can apply
-    fl.get_rule("zo_spsa", directions=3, seed=4, **LOWRANK).grads(b, x, y)
-    for p, q in zip(a.parameters(), b.parameters()):
-        assert torch.equal(p.grad, q.grad)
-
-
-def test_emulated_ranks_equal_the_seeds_applied_by_hand(digits):
-    """Two emulated ranks: each estimates on its batch with its stream seed, scalars cross the float32 wire,
-    then one apply of all seeds and one Adam step -- bit for bit the trainer's step."""
-    (X, y), _ = digits
-    world, opts = 2, {"directions": 3, **LOWRANK}
-    steps = [{r: (X[32 * s + 16 * r: 32 * s + 16 * r + 16], y[32 * s + 16 * r: 32 * s + 16 * r + 16])
-              for r in range(world)} for s in range(2)]
-    torch.manual_seed(0)
-    model = fl.models.mlp(64, [16], 10)
-    ref = copy.deepcopy(model)
-    tr = SeedScalarTrainer(model, fl.get_rule("zo_spsa", seed=0, **opts), torch.optim.Adam(model.parameters(), 1e-2),
-                           epochs=1, batch_size=16, seed=5, ranks=range(world), checksum_every=1)
-    for batches in steps:
-        tr.step(batches)
-    rule = fl.get_rule("zo_spsa", seed=0, **opts)
-    opt = torch.optim.Adam(ref.parameters(), lr=1e-2)
-    for s, batches in enumerate(steps, start=1):
-        seeds, scalars = [], []
-        for r in range(world):
-            rule.generator("cpu").manual_seed(stream_seed(5, s, r))
-            sd, sc, _ = rule.estimate(ref, *batches[r])
-            seeds += sd
-            scalars.append(sc.to(torch.float32))
-        opt.zero_grad()
-        rule.apply(ref, seeds, torch.cat(scalars).to(torch.float64))
-        opt.step()
-    for a, b in zip(model.parameters(), ref.parameters()):
-        assert torch.equal(a, b)
-    assert not torch.equal(model[-1].weight, copy.deepcopy(fl.models.mlp(64, [16], 10))[-1].weight)
+    apply_reproduces_grads(*_cnn(), **LOWRANK)
 
 
 def test_replay_rebuilds_bit_identical_weights(tmp_path, digits):
@@ -300,7 +243,7 @@ def test_a_layer_called_with_a_keyword_input_is_perturbed(monkeypatch):
 # --- forward_gradient, tangent="rank1": the weight's tangent added inside the layer's forward ----------------
 
 
-@pytest.mark.parametrize("problem", [_cnn, _mlp])
+@pytest.mark.parametrize("problem", [_cnn, mlp_problem])
 def test_rank_one_forward_gradient_inside_the_layer_is_the_directional_derivative(problem, monkeypatch):
     """The general forward-mode pass (not the Sequential fast path) never forms u r^T for a Linear/Conv2d weight,
     never makes that weight dual, and still returns g . V for V regenerated by ``apply``."""
@@ -333,13 +276,4 @@ def test_rank_one_forward_gradient_inside_the_layer_is_the_directional_derivativ
 
 
 def test_fused_apply_is_sgd_without_grad():
-    model, x, y = _cnn()
-    a, b = copy.deepcopy(model), copy.deepcopy(model)
-    rule = fl.get_rule("zo_spsa", directions=2, seed=1, **LOWRANK)
-    seeds, scalars, _ = rule.estimate(a, x, y)
-    rule.fused_apply(a, seeds, scalars, lr=0.1, weight_decay=0.01)
-    rule.apply(b, seeds, scalars)
-    torch.optim.SGD(b.parameters(), lr=0.1, weight_decay=0.01).step()
-    assert all(p.grad is None for p in a.parameters())
-    for p, q in zip(a.parameters(), b.parameters()):  # float64: the order of roundings differs, 1e-15 relative
-        torch.testing.assert_close(p, q, rtol=0.0, atol=1e-14)
+    fused_apply_is_sgd_without_grad(*_cnn(), **LOWRANK)

@@ -5,7 +5,7 @@
 - :class:`FusedStep`: ``rule.fused_step(model, x, y, lr=..., weight_decay=...)`` updates the weights in place,
   with no optimizer and no ``.grad`` buffers (rules with ``supports_fused``, e.g. ``zo_spsa``: training memory
   is inference memory).
-- The seed-and-scalar step of :mod:`forwardlearn.distributed.trainer`: every rank estimates ``(seed, scalar)``
+- The seed-and-scalar step of :mod:`forwardlearn.distributed.step`: every rank estimates ``(seed, scalar)``
   pairs on its shard, the ranks exchange them, every rank applies them all.
 
 A strategy is an object with the methods of :class:`Strategy`; the loop calls :meth:`Strategy.batches` once
