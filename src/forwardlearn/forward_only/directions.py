@@ -11,7 +11,7 @@ import itertools
 from collections.abc import Iterator
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 _MASK64 = (1 << 64) - 1
 _BITS = 31  # torch's int32 random_() fills bits 0..30
@@ -178,20 +178,3 @@ def flat_view(t: Tensor, what: str) -> Tensor:
         raise ValueError(f"{what} is not contiguous; forward-only rules update parameters in place through a flat view")
     return t.detach().view(-1)
 
-
-def accumulate_directions(params: list[nn.Parameter], directions: Directions, seeds: list[int],
-                          scalars: Tensor) -> None:
-    """``p.grad += mean_k scalars[k] * z_k`` for every parameter, regenerating each ``z_k`` from its seed."""
-    if len(seeds) != len(scalars):
-        raise ValueError(f"got {len(seeds)} seeds but {len(scalars)} scalars")
-    if not params:
-        return
-    coefs = [float(c) / len(seeds) for c in scalars.detach().cpu().tolist()]
-    if not seeds:
-        return
-    fresh = [p.grad is None for p in params]
-    for p in params:
-        if p.grad is None:
-            p.grad = torch.empty_like(p, memory_format=torch.contiguous_format)
-    grads = [flat_view(p.grad, f"the gradient of parameter {i}") for i, p in enumerate(params)]
-    directions.add_terms_(grads, list(zip(seeds, coefs)), overwrite=fresh)  # one sweep for all K directions

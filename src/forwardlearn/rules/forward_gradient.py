@@ -3,42 +3,27 @@
 - ``forward_gradient`` (Baydin et al. 2022): weight perturbation, ``g = (grad . v) v``;
 - ``activity_forward_gradient`` (Ren et al. 2022): perturb every layer's output instead of its weights.
 
-``local_forward_gradient`` (Fournier et al. 2023) is in :mod:`.local_forward_gradient`; the parts all three
-are built from (seeded directions, forward-mode evaluation, local gradients) are in
-:mod:`forwardlearn.forward_only`.
+Both are compositions of the parts in :mod:`forwardlearn.forward_only`: ``forward_gradient`` = a weight sampler
+(``full`` or ``rank1``) x :class:`~forwardlearn.forward_only.estimators.ForwardMode` x ``ToGrad``;
+``activity_forward_gradient`` = ``UnitNoise`` x ``ActivityForwardMode`` x ``local_to_grad``; both run by the shared
+``Evaluator``. ``local_forward_gradient`` (Fournier et al. 2023) is in :mod:`.local_forward_gradient`.
 """
 
 from __future__ import annotations
 
 from typing import Any, ClassVar
 
-import torch
-import torch.autograd.forward_ad as fwAD
 from torch import Tensor, nn
 
-from ..blocks import BlockSpec, check_block_spec, first_tensor, replace_first
-from ..data.batches import call_model, logits_of
-from ..forward_only.directions import Directions, accumulate_directions, draw_seeds, flat_view
-from ..forward_only.forward_mode import (
-    BATCHED_LIMIT,
-    TANGENTS,
-    RankOne,
-    Tangent,
-    functional_call,
-    jvp_loss,
-    math_attention,
-    per_example_directional,
-)
-from ..forward_only.local import (
-    Saved,
-    accumulate_layer,
-    couples_examples,
-    has_formula,
-    local_grads,
-    perturbed_units,
-    save_inputs,
-)
-from .base import LossFn, Rule, SeedScalarRule, check_finite, check_int, register, trainable_parameters
+from ..blocks import BlockSpec, check_block_spec
+from ..data.batches import Inputs
+from ..forward_only.directions import draw_seeds
+from ..forward_only.estimators import ActivityForwardMode, ForwardMode, ToGrad, local_to_grad
+from ..forward_only.evaluator import Evaluator
+from ..forward_only.forward_mode import BATCHED_LIMIT, TANGENTS, Tangent
+from ..forward_only.local import perturbed_units
+from ..forward_only.samplers import Frame, UnitNoise, sampler
+from .base import LossFn, Rule, SeedScalarRule, check_int, register
 
 
 @register
@@ -102,134 +87,40 @@ class ForwardGradient(SeedScalarRule):
         self.reuse_tangents = reuse_tangents
         self.tangent = tangent
         self.distribution = distribution
-        self._dirs = Directions(distribution)
+        self._sampler = sampler(distribution, tangent)
+        self._dirs = self._sampler.directions
+        self._estimator = ForwardMode()
 
-    # --- tangents ------------------------------------------------------------------------------------
-    def _layout(self, params: list[nn.Parameter]) -> tuple[list[int], list[list[int]]]:
-        """The lengths of the random vectors a direction is made of, and which of them each parameter uses:
-        one per parameter (``full``), or two factors per weight matrix (``rank1``)."""
-        if self.tangent == "full":
-            return [p.numel() for p in params], [[i] for i in range(len(params))]
-        numels: list[int] = []
-        slots: list[list[int]] = []
-        for p in params:
-            sizes = [p.shape[0], p.numel() // p.shape[0]] if p.dim() >= 2 else [p.numel()]
-            slots.append(list(range(len(numels), len(numels) + len(sizes))))
-            numels.extend(sizes)
-        return numels, slots
+    def _layout(self, params: list[nn.Parameter]) -> Frame:
+        """The lengths of the random vectors a direction is made of, and which of them each parameter uses."""
+        return self._sampler.frame(None, params)
 
-    def _tangent(self, seed: int, layout: tuple[list[int], list[list[int]]], i: int, p: Tensor) -> Tangent:
+    def _tangent(self, seed: int, layout: Frame, i: int, p: Tensor) -> Tangent:
         """Parameter ``i``'s tangent of direction ``seed`` (a :class:`RankOne` for ``rank1`` weights)."""
-        numels, slots = layout
-        if len(slots[i]) == 1:
-            return self._dirs.param(seed, numels, slots[i][0], p.detach())
-        j, k = slots[i]
-        u = self._dirs.param(seed, numels, j, torch.empty(numels[j], dtype=p.dtype, device=p.device))
-        r = self._dirs.param(seed, numels, k, torch.empty(numels[k], dtype=p.dtype, device=p.device))
-        return RankOne(u, r)
+        return self._sampler.tangent_of(layout, seed)(i, p)
 
-    def estimate(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> tuple[list[int], Tensor, float]:
+    def estimate(self, model: nn.Module, inputs: Inputs, targets: Tensor) -> tuple[list[int], Tensor, float]:
         """``(seeds, scalars, loss)``: directional derivatives along ``K`` seeded tangents (see class doc)."""
         seeds = draw_seeds(self.generator("cpu"), self.directions)
-        scalars = torch.empty(len(seeds), dtype=torch.float64)
-        loss = float("nan")
-        params = trainable_parameters(model)
-        layout = self._layout(params)
-        done = False
-        if len(seeds) > 1 and len(seeds) * sum(p.numel() for p in params) <= BATCHED_LIMIT:
-            try:  # small model: all K tangents in one vmapped forward-mode pass
-                loss, d = self._batched(model, inputs, targets, params, layout, seeds)
-                scalars.copy_(d)
-                done = True
-            except (RuntimeError, NotImplementedError):  # redo one at a time, which names the failing layer
-                done = False
-        if not done:
-            for k, s in enumerate(seeds):
-                loss, d = jvp_loss(model, inputs, targets, self.loss,
-                                   lambda i, p, s=s: self._tangent(s, layout, i, p))
-                scalars[k] = d
-        check_finite(loss, "loss")
-        check_finite(scalars.sum(), "directional derivative")
+        scalars, loss = self._estimator.scalars(Evaluator(self.loss), model, inputs, targets, self._sampler,
+                                                self._sampler.frame(model), seeds, BATCHED_LIMIT)
         return seeds, scalars, loss
-
-    def _batched(self, model: nn.Module, inputs: Tensor, targets: Tensor, params: list[nn.Parameter],
-                 layout: tuple[list[int], list[list[int]]], seeds: list[int]) -> tuple[float, Tensor]:
-        """The same directional derivatives as the one-at-a-time pass, ``vmap``-ed over the ``K`` tangents."""
-        names = {id(p): n for n, p in model.named_parameters()}
-        keys = [names[id(p)] for p in params]
-        primals = tuple(p.detach() for p in params)
-        tangents = tuple(torch.empty((len(seeds), *p.shape), dtype=p.dtype, device=p.device) for p in params)
-        for k, s in enumerate(seeds):
-            if self.tangent == "full":
-                for i, a, b, z in self._dirs.pieces(s, layout[0], params[0].device):
-                    tangents[i][k].view(-1)[a:b].copy_(z)
-            else:
-                for i, p in enumerate(params):
-                    t = self._tangent(s, layout, i, p)
-                    tangents[i][k].copy_(t.full(p) if isinstance(t, RankOne) else t)
-
-        def loss_of(*ps: Tensor) -> Tensor:
-            return self.loss(logits_of(functional_call(model, dict(zip(keys, ps)), inputs)), targets)
-
-        def one(*ts: Tensor) -> tuple[Tensor, Tensor]:
-            return torch.func.jvp(loss_of, primals, ts)
-
-        with math_attention():
-            values, d = torch.func.vmap(one)(*tangents)
-        return float(values[0].detach()), d.detach().to(torch.float64).cpu()
 
     def apply(self, model: nn.Module, seeds: list[int], scalars: Tensor) -> None:
         """Accumulate ``mean_k scalars[k] * v_k`` into ``.grad`` (``v_k`` regenerated from ``seeds[k]``)."""
-        params = trainable_parameters(model)
-        scalars = torch.as_tensor(scalars)
-        if self.tangent == "full":
-            accumulate_directions(params, self._dirs, list(seeds), scalars)
-            return
-        if len(seeds) != len(scalars):
-            raise ValueError(f"got {len(seeds)} seeds but {len(scalars)} scalars")
-        coefs = [float(c) / len(seeds) for c in scalars.detach().cpu().tolist()]
-        layout = self._layout(params)
-        for i, p in enumerate(params):
-            for seed, c in zip(seeds, coefs):
-                t = self._tangent(seed, layout, i, p)
-                if p.grad is None:  # the first term writes the buffer: no zero fill, no extra pass
-                    p.grad = (torch.outer(t.u, t.r).mul_(c).view_as(p) if isinstance(t, RankOne)
-                              else t.mul_(c))
-                elif isinstance(t, RankOne):
-                    flat_view(p.grad, f"the gradient of parameter {i}").view(t.u.numel(), -1).addr_(t.u, t.r, alpha=c)
-                else:
-                    p.grad.add_(t, alpha=c)
+        ToGrad().apply(self._sampler, self._sampler.frame(model), list(seeds), scalars)
 
-    def grads(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
-        params = trainable_parameters(model)
+    def grads(self, model: nn.Module, inputs: Inputs, targets: Tensor) -> float:
+        frame = self._sampler.frame(model)
+        params = frame.params
         if (self.reuse_tangents and self.tangent == "full" and self.directions == 1 and params
                 and all(p.grad is None for p in params)):
-            loss = self._grads_one(model, inputs, targets, params)
+            (seed,) = draw_seeds(self.generator("cpu"), 1)
+            loss = self._estimator.into_grad(Evaluator(self.loss), model, inputs, targets, self._sampler, frame, seed)
         else:
             seeds, scalars, loss = self.estimate(model, inputs, targets)
             self.apply(model, seeds, scalars)
         self.steps += 1
-        return loss
-
-    def _grads_one(self, model: nn.Module, inputs: Tensor, targets: Tensor, params: list[nn.Parameter]) -> float:
-        """``K = 1`` and no ``.grad`` yet: each layer's tangent, made when the layer runs, is kept and
-        becomes its ``.grad`` once scaled by ``d`` -- the same numbers as ``estimate`` + ``apply`` with
-        one sweep of random numbers and no extra buffer (peak: weights + gradients + activations)."""
-        (seed,) = draw_seeds(self.generator("cpu"), 1)
-        numels = [p.numel() for p in params]
-        kept: dict[int, Tensor] = {}
-
-        def tangent_of(i: int, p: nn.Parameter) -> Tensor:
-            if i not in kept:
-                kept[i] = self._dirs.param(seed, numels, i, p.detach())
-            return kept[i]
-
-        loss, d = jvp_loss(model, inputs, targets, self.loss, tangent_of)
-        check_finite(loss, "loss")
-        check_finite(d, "directional derivative")
-        for i, p in enumerate(params):
-            v = kept.pop(i) if i in kept else self._dirs.param(seed, numels, i, p.detach())
-            p.grad = v.mul_(d)
         return loss
 
 
@@ -275,40 +166,12 @@ class ActivityForwardGradient(Rule):
 
     def grads(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
         units = perturbed_units(model, self.name, self.blocks)
-        coupled = couples_examples(model)
-        gen = self.generator(inputs.device)
+        noise = UnitNoise(self.generator(inputs.device))
+        estimator, evaluator = ActivityForwardMode(), Evaluator(self.loss)
         loss = float("nan")
         for _ in range(self.directions):
-            saved: list[tuple[Saved, Tensor]] = []
-            rngs: dict[int, Tensor] = {}
-
-            def hook(m: nn.Module, args: Any, kwargs: Any, out: Any, saved: list = saved, rngs: dict = rngs) -> Any:
-                primal, tan = fwAD.unpack_dual(first_tensor(out))
-                u = torch.randn(primal.shape, generator=gen, dtype=primal.dtype, device=primal.device)
-                saved.append((save_inputs(m, args, kwargs, rngs.pop(id(m), None)), u))
-                return replace_first(out, fwAD.make_dual(primal, u if tan is None else tan + u))
-
-            handles = [m.register_forward_hook(hook, with_kwargs=True) for _, m in units]
-            handles += [m.register_forward_pre_hook(lambda m, a, r=rngs: r.__setitem__(id(m), torch.get_rng_state()))
-                        for _, m in units if not has_formula(m)]
-            try:
-                with torch.no_grad(), fwAD.dual_level(), math_attention():
-                    out = first_tensor(call_model(model, inputs))
-                    primal, tan = fwAD.unpack_dual(out)
-            finally:
-                for h in handles:
-                    h.remove()
-            if tan is None:
-                raise RuntimeError(f"{self.name}: the model output does not depend on any perturbed layer")
-            with torch.no_grad():
-                loss = check_finite(self.loss(primal, targets), "loss")
-                d = per_example_directional(self.loss, primal.detach(), targets, tan.detach())
-                if coupled:  # every example's tangent reaches every output: the batch's derivative for all
-                    d = d.sum().expand_as(d)
-                while saved:  # one unit at a time, its inputs and tangents freed as we go
-                    rec, u = saved.pop()
-                    g = u.mul_(d.view(-1, *([1] * (u.dim() - 1))) / self.directions)
-                    accumulate_layer(rec.module, local_grads(rec, g))
-                    del rec, u, g
+            estimate = estimator.estimate(evaluator, model, inputs, targets, units, noise, self.directions, self.name)
+            local_to_grad(estimate)  # one unit at a time, its inputs and tangents freed as we go
+            loss = estimate.loss
         self.steps += 1
         return loss

@@ -1,33 +1,26 @@
-"""The likelihood-ratio (score-function) gradient from one noisy forward pass, no backward pass at all."""
+"""The likelihood-ratio (score-function) gradient from one noisy forward pass, no backward pass at all.
+
+``ulr`` is a composition of the parts in :mod:`forwardlearn.forward_only`: ``UnitNoise`` x
+:class:`~forwardlearn.forward_only.estimators.ScoreFunction` with a variance reduction of
+:mod:`~forwardlearn.forward_only.variance` x ``local_to_grad``, run by the shared ``Evaluator``.
+"""
 
 from __future__ import annotations
 
 import warnings
 from typing import Any, ClassVar
 
-import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..blocks import BlockSpec, check_block_spec, first_tensor, replace_first
-from ..data.batches import call_model
-from ..forward_only.local import (
-    Saved,
-    accumulate_layer,
-    couples_examples,
-    has_formula,
-    local_grads,
-    perturbed_units,
-    save_inputs,
-)
-from .base import LossFn, Rule, check_finite, check_int, check_positive, register
+from ..blocks import BlockSpec, check_block_spec
+from ..forward_only import variance
+from ..forward_only.estimators import ScoreFunction, local_to_grad
+from ..forward_only.evaluator import Evaluator, per_example_losses
+from ..forward_only.local import perturbed_units
+from ..forward_only.samplers import UnitNoise
+from .base import LossFn, Rule, check_int, check_positive, register
 
-
-def per_example_losses(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
-    """``loss_fn`` applied to each example alone (shape ``(N,)``); the batch loss is taken to be their mean."""
-    if loss_fn is F.cross_entropy:
-        return F.cross_entropy(outputs, targets, reduction="none")
-    return torch.func.vmap(lambda o, t: loss_fn(o.unsqueeze(0), t.unsqueeze(0)))(outputs, targets)
+__all__ = ["UnifiedLikelihoodRatio", "per_example_losses"]
 
 
 @register
@@ -98,11 +91,9 @@ class UnifiedLikelihoodRatio(Rule):
         self.sigma = check_positive(sigma, "sigma")
         if not isinstance(antithetic, bool) or not isinstance(baseline, bool):
             raise ValueError(f"antithetic and baseline must be bools, got {antithetic!r}, {baseline!r}")
-        if antithetic and directions % 2:
-            raise ValueError(f"antithetic sampling needs an even number of copies, got {directions} "
-                             "(option directions)")
-        if baseline and not antithetic and directions < 2:
-            raise ValueError(f"a leave-one-out baseline needs directions >= 2, got {directions}")
+        reduce = variance.antithetic() if antithetic else variance.leave_one_out() if baseline else variance.none()
+        reduce.check(self.directions)
+        self._estimator = ScoreFunction(self.sigma, reduce)
         self.antithetic = antithetic
         self.baseline = baseline
         self.blocks = check_block_spec(blocks)
@@ -112,66 +103,10 @@ class UnifiedLikelihoodRatio(Rule):
         """The old name of :attr:`directions`."""
         return self.directions
 
-    @torch.no_grad()
     def grads(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
         units = perturbed_units(model, self.name, self.blocks)
-        k, n = self.directions, inputs.shape[0]
-        coupled = couples_examples(model)
-        gen = self.generator(inputs.device)
-        saved: list[tuple[int, Saved, Tensor]] = []  # (copy or -1 for all copies, inputs, noise)
-        rngs: dict[int, Tensor] = {}
-        call = [-1, 0]  # the copy being run (coupled models run one copy per pass), the hook's position in it
-        first_half: list[Tensor] = []
-
-        def hook(m: nn.Module, args: Any, kwargs: Any, output: Any) -> Any:
-            out = first_tensor(output)
-            shape = out.shape
-            if coupled and self.antithetic and call[0] >= k // 2:  # the pair of an earlier copy: -eps
-                eps = -first_half[(call[0] - k // 2) * len(units) + call[1]]
-            elif self.antithetic and not coupled:
-                half = torch.randn((k // 2, n, *shape[1:]), generator=gen, dtype=out.dtype, device=out.device)
-                eps = torch.cat([half, -half]).view(shape)
-            else:
-                eps = torch.randn(shape, generator=gen, dtype=out.dtype, device=out.device)
-                if coupled and self.antithetic:
-                    first_half.append(eps)
-            call[1] += 1
-            saved.append((call[0], save_inputs(m, args, kwargs, rngs.pop(id(m), None)), eps))
-            return replace_first(output, out + self.sigma * eps)
-
-        handles = [m.register_forward_hook(hook, with_kwargs=True) for _, m in units]
-        handles += [m.register_forward_pre_hook(lambda m, a: rngs.__setitem__(id(m), torch.get_rng_state()))
-                    for _, m in units if not has_formula(m)]
-        try:
-            if coupled:  # batch statistics: each noisy copy is its own batch, as in ordinary training
-                rows = []
-                for c in range(k):
-                    call[:] = [c, 0]
-                    rows.append(per_example_losses(self.loss, first_tensor(call_model(model, inputs)), targets))
-                losses = torch.stack(rows)
-            else:
-                out = first_tensor(call_model(model, inputs.repeat(k, *([1] * (inputs.dim() - 1)))))
-                losses = per_example_losses(self.loss, out, targets.repeat(k, *([1] * (targets.dim() - 1))))
-                losses = losses.view(k, n)
-                del out
-        finally:
-            for h in handles:
-                h.remove()
-        first_half.clear()
-        value = check_finite(losses.mean(), "loss")
-        if coupled:  # an example's noise reaches every loss of its copy: score with the copy's total
-            losses = losses.sum(1, keepdim=True).expand(k, n)
-        if self.antithetic or not self.baseline:
-            centred = losses
-        else:
-            centred = losses - (losses.sum(0, keepdim=True) - losses) / (k - 1)
-        coef = centred / (k * n * self.sigma)
-        del losses, centred
-        while saved:  # one unit at a time, its noisy inputs and noise freed as we go
-            c, rec, eps = saved.pop()
-            scale = coef.reshape(-1) if c < 0 else coef[c]
-            g = eps.mul_(scale.view(-1, *([1] * (eps.dim() - 1))))
-            accumulate_layer(rec.module, local_grads(rec, g))
-            del rec, eps, g
+        noise = UnitNoise(self.generator(inputs.device), self.directions, self._estimator.reduce.pairs)
+        estimate = self._estimator.estimate(Evaluator(self.loss), model, inputs, targets, units, noise)
+        local_to_grad(estimate)  # one unit at a time, its noisy inputs and noise freed as we go
         self.steps += 1
-        return value
+        return estimate.loss
