@@ -158,10 +158,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.train_limit:
         X, y = X[: args.train_limit], y[: args.train_limit]
     torch.manual_seed(args.seed)
-    # temperature 1 and the label over the first (blank) pixels: the paper's sigmoid(G - theta), as stored
+    # temperature 1, the label over the first (blank) pixels and the recipe's own initialisation (no first-step
+    # calibration): the paper's sigmoid(G - theta), as stored
     rule = fl.get_rule("ff", negatives=args.negatives, readout=True, threshold=args.threshold, seed=args.seed,
                        peer_normalization=args.peer_normalization, normalize_input=args.normalize_input,
-                       temperature=1.0, label_mode="overwrite")
+                       temperature=1.0, label_mode="overwrite", calibrate=False)
     model = rule.attach(fl.models.mlp(784, args.hidden, 10))
     if args.init == "hinton":
         hinton_init(model)

@@ -21,8 +21,9 @@ from forwardlearn.rules.forward_forward_parts import (
     random_negative_labels,
 )
 
-#: the settings the hand-checks below recompute: raw input, label over the first pixels, random negatives
-PLAIN = {"normalize_input": False, "label_mode": "overwrite", "negatives": "random"}
+#: the settings the hand-checks below recompute: raw input, label over the first pixels, random negatives, the
+#: weights as given (no first-step calibration)
+PLAIN = {"normalize_input": False, "label_mode": "overwrite", "negatives": "random", "calibrate": False}
 
 
 def _batch(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -428,7 +429,9 @@ def test_auto_label_placement_puts_the_label_in_front_of_inked_pixels(digits) ->
     rule.grads(model, X[:32], y[:32])
     assert rule.label_placement == "concat"
     assert model[1].weight is param and param.shape == (16, 74) and param.grad.shape == (16, 74)
-    assert torch.equal(param[:, 10:], old_w)  # the image's own weights are kept; 10 label columns in front
+    # the image's own weights are kept (up to the first step's calibration factor); 10 label columns in front
+    c = param[:, 10:].norm() / old_w.norm()
+    assert torch.allclose(param[:, 10:], c * old_w, rtol=1e-5, atol=1e-7)
     opt.step()
     x = X[:5]
     want = model[2](model[1](length_normalize(embed_label(x, y[:5], 10, "concat"))))
@@ -472,7 +475,7 @@ def test_first_step_is_not_saturated(digits) -> None:
 
 
 # --- accuracy (slow): means over three seeds -------------------------------------------------------
-def _digits_acc(name: str, digits, seed: int, defaults: bool, **rule_opts) -> float:
+def _digits_curve(name: str, digits, seed: int, defaults: bool, **rule_opts) -> list[float]:
     (X, y), (Xt, yt) = digits
     cls = fl.rules.rule_class(name)
     d = cls.defaults if defaults else {"optimizer": "adam", "lr": 1e-3, "epochs": 20, "batch_size": 64}
@@ -481,13 +484,18 @@ def _digits_acc(name: str, digits, seed: int, defaults: bool, **rule_opts) -> fl
     hist = fl.train(model, fl.get_rule(name, seed=seed, **rule_opts), (X, y), (Xt, yt), optimizer=d["optimizer"],
                     lr=d["lr"], epochs=d["epochs"], batch_size=d["batch_size"], seed=seed, progress=False,
                     eval_train=False)
-    return hist.final["test_acc"]
+    return hist.column("test_acc")
+
+
+def _digits_acc(name: str, digits, seed: int, defaults: bool, **rule_opts) -> float:
+    return _digits_curve(name, digits, seed, defaults, **rule_opts)[-1]
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["ff", "cff"])
 def test_adam_1e3_for_20_epochs_reaches_85_percent_on_every_seed(name: str, digits, one_thread) -> None:
-    # measured (seeds 0, 1, 2): ff 0.939 / 0.936 / 0.947, cff 0.961 / 0.958 / 0.961 (before: ff 0.40 with seed 0)
+    # measured (seeds 0, 1, 2): ff 0.978 / 0.975 / 0.975, cff 0.975 / 0.967 / 0.978 (first-step calibration on;
+    # without it ff 0.939 / 0.936 / 0.947; before the mean-of-squares logit: ff 0.40 with seed 0)
     accs = [_digits_acc(name, digits, s, defaults=False) for s in range(3)]
     assert min(accs) >= 0.85, accs
 
@@ -495,7 +503,80 @@ def test_adam_1e3_for_20_epochs_reaches_85_percent_on_every_seed(name: str, digi
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["ff", "cff"])
 def test_defaults_within_two_points_of_backprop_on_digits(name: str, digits, one_thread) -> None:
-    # measured means over seeds 0-2: backprop 0.969, ff 0.971, cff 0.967; the seeds' sd is about 0.005
-    ours = sum(_digits_acc(name, digits, s, defaults=True) for s in range(3)) / 3
-    bp = sum(_digits_acc("backprop", digits, s, defaults=True) for s in range(3)) / 3
-    assert ours >= bp - 0.02, (ours, bp)
+    # measured means over seeds 0-2: backprop 0.969, ff 0.984, cff 0.970 (ff 0.971 before the first-step
+    # calibration); first epoch: ff 0.88 / cff 0.87 against backprop's 0.85 (0.31 / 0.18 before it)
+    ours = [sum(c) / 3 for c in zip(*(_digits_curve(name, digits, s, defaults=True) for s in range(3)), strict=True)]
+    bp = [sum(c) / 3 for c in zip(*(_digits_curve("backprop", digits, s, defaults=True) for s in range(3)),
+                                  strict=True)]
+    assert ours[-1] >= bp[-1] - 0.02, (ours, bp)
+    assert ours[0] >= bp[0] - 0.05, (ours[0], bp[0])
+
+
+# --- first-step calibration ------------------------------------------------------------------------
+@pytest.mark.parametrize("name", ["ff", "cff"])
+def test_first_step_calibrates_every_layer_to_the_threshold(name: str, digits) -> None:
+    """With the defaults, the first step scales each layer so that its mean squared activity on that batch's
+    positive data is the threshold: p(positive) starts at about 0.5 (PyTorch's default init gives about 0.17
+    against a threshold of 1, p about 0.04). The scaling happens once, is part of the rule's state, and
+    ``calibrate=False`` leaves the weights as given."""
+    (X, y), _ = digits
+    x, t = X[:128], y[:128]
+    torch.manual_seed(0)
+    model = fl.models.mlp(64, [256, 256], 10)
+    rule = fl.get_rule(name, seed=0)
+    before = [m.weight.detach().clone() for m in (model[1], model[3])]
+    rule.attach(model)
+    rule.grads(model, x, t)
+    assert rule.calibrated and rule.state_dict()["calibrated"] is True
+    for h in rule.activities(model, x, t):
+        # ReLU layers are positively homogeneous: one scaling puts the mean square at the threshold (1.0)
+        # up to float32 rounding; the uncalibrated layers measure 0.15-0.2 here
+        assert abs(float(h.pow(2).mean()) - rule.threshold) < 1e-3
+        p = torch.sigmoid(positive_logits(h, rule.layer_threshold(h), temperature=rule.layer_temperature(h)))
+        assert 0.35 < float(p.mean()) < 0.65
+    after = [m.weight.detach().clone() for m in (model[1], model[3])]
+    assert not torch.equal(after[1], before[1])
+    rule.grads(model, x[:64], t[:64])  # a second step does not rescale
+    assert all(torch.equal(m.weight, w) for m, w in zip((model[1], model[3]), after, strict=True))
+    again = fl.get_rule(name, seed=0)
+    again.load_state_dict(rule.state_dict())
+    assert again.calibrated  # a resumed rule does not rescale the restored model
+    old = {k: v for k, v in rule.state_dict().items() if k != "calibrated"}
+    again.load_state_dict(old)
+    assert again.calibrated  # a state from before calibration existed: never rescale a trained model
+    plain = fl.get_rule(name, seed=0, calibrate=False)
+    torch.manual_seed(0)
+    m2 = plain.attach(fl.models.mlp(64, [256, 256], 10))
+    w2 = m2[3].weight.detach().clone()
+    plain.grads(m2, x, t)
+    assert torch.equal(m2[3].weight, w2)
+    with pytest.raises(ValueError, match="calibrate"):
+        fl.get_rule(name, calibrate="yes")
+
+
+def _curve(name: str, data: str, seed: int, epochs: int) -> list[float]:
+    train, test = fl.data.load(data, "train"), fl.data.load(data, "test")
+    cls = fl.rules.rule_class(name)
+    classes = int(train[1].max()) + 1
+    torch.manual_seed(seed)
+    model = fl.models.mlp(train[0][0].numel(), cls.defaults["hidden"], classes)
+    hist = fl.train(model, fl.get_rule(name, seed=seed), train, test, epochs=epochs, seed=seed, progress=False,
+                    eval_train=False)
+    return hist.column("test_acc")
+
+
+@pytest.mark.parametrize("name", ["ff", "cff"])
+@pytest.mark.parametrize("data", ["wine", "breast_cancer"])
+def test_near_backprop_after_two_epochs_on_data_it_was_never_tuned_on(name: str, data: str, one_thread) -> None:
+    """Every setting of ff/cff was chosen on digits and MNIST; on the bundled wine and breast-cancer tables
+    their defaults stay within 5 points of backprop's defaults (mean of 3 seeds) at every epoch from the third.
+    Measured (means over seeds 0-2, epochs 3-8; ``calibrate=False`` gives the "before"):
+    wine ff 0.96-0.98, cff 0.95-0.99, backprop 0.67-0.97 (largest gap 0.00); breast cancer ff 0.93-0.95,
+    cff 0.93-0.96, backprop 0.91-0.93 (gap <= -0.006). Without the first-step calibration the gaps were
+    0.31 (wine ff, stuck at 0.64-0.71), 0.21 (wine cff), 0.28 (breast cancer ff: the majority class, 0.63,
+    for three epochs) and 0.053 (breast cancer cff)."""
+    epochs = 8
+    ours = [sum(c) / 3 for c in zip(*(_curve(name, data, s, epochs) for s in range(3)), strict=True)]
+    bp = [sum(c) / 3 for c in zip(*(_curve("backprop", data, s, epochs) for s in range(3)), strict=True)]
+    gaps = [round(b - o, 3) for o, b in zip(ours[2:], bp[2:], strict=True)]
+    assert max(gaps) <= 0.05, (ours, bp)

@@ -18,9 +18,15 @@ data and the loss is saturated: positive and negative data are pushed up alike u
 reaches ``theta``. The rule's default ``T = D / 4`` makes the logit ``4 * (mean_j y_j ** 2 - threshold)``:
 the per-unit (mean of squares) goodness of the widely copied PyTorch implementation
 ``mohammadpz/pytorch_forward_forward`` (``h.pow(2).mean(1)`` against a threshold of 2), with a slope of 4
-that keeps the first step away from 0 and 1 (``p`` about 0.03-0.05 on digits) whatever the width. On
-digits, 20 epochs of Adam 1e-3 then reach 0.94 (ff) and 0.96 (cff) test accuracy, mean of 3 seeds,
-where the unscaled logit stayed at 0.39 (``tests/test_forward_forward.py``).
+that keeps the first step away from 0 and 1 (``p`` about 0.03-0.05 on digits) whatever the width. That is
+still far from 0.5: PyTorch's default ``nn.Linear`` initialisation gives a length-normalised input a mean
+squared ReLU activity of about 1/6 against the threshold of 1, so the first epochs go into raising all
+activity. ``calibrate=True`` (the default) removes that phase: the first step scales each layer so its mean
+squared activity on that batch is the threshold (a data-dependent initialisation in the spirit of LSUV,
+Mishkin & Matas 2016), and ``p`` starts at about 0.5. On digits the first epoch then ends at 0.88 test
+accuracy instead of 0.31 (backprop: 0.85, means of 3 seeds), and on the wine and breast-cancer tables, never
+used to choose a setting, ff and cff stay within 5 points of backprop from the third epoch on, where without
+it they sat at the majority class or fell back (``tests/test_forward_forward.py``).
 
 Label placement. ``label_mode="auto"`` overwrites the first ``C`` input features with the label only
 where they are blank (MNIST's top row, as in the paper); when they carry signal (the 8x8 digits have ink
@@ -37,6 +43,7 @@ subclass :class:`ForwardForward` and replace only those.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -117,6 +124,13 @@ class ForwardForward(Rule):
             always off revive). The factor 2 keeps the Matlab code's ratio to the goodness gradient, our
             loss being twice its goodness gradient. The term adds zero to the reported loss. ``0``: off.
         peer_momentum: decay of the running mean ``m`` per step, in ``[0, 1)`` (the Matlab code's 0.9).
+        calibrate: at the rule's first step, scale every layer's first ``Linear`` (weight and bias) so that its
+            mean squared activity on that batch's positive data equals ``threshold`` (a data-dependent
+            initialisation in the spirit of LSUV, Mishkin & Matas 2016: exact in one pass for ReLU layers, which
+            are positively homogeneous; other activations get up to five passes). Every layer then starts at
+            ``p(positive)`` about 0.5 instead of spending its first epochs raising all activity towards the
+            threshold (see the module docstring). Done once per rule (``calibrated`` is in its state, so a
+            resumed run does not rescale); pass ``False`` to keep the model's weights as given.
         loss, seed: see :class:`~forwardlearn.rules.base.Rule`. ``loss`` is used only by the read-out.
 
     ``local_loss_hook`` (attribute, default ``None``): ``hook(k, loss_k) -> loss_k`` applied to layer
@@ -153,6 +167,7 @@ class ForwardForward(Rule):
         normalize_input: bool = True,
         peer_normalization: float = 0.0,
         peer_momentum: float = 0.9,
+        calibrate: bool = True,
         loss: LossFn | None = None,
         seed: int | None = None,
     ) -> None:
@@ -173,7 +188,7 @@ class ForwardForward(Rule):
         if predict_by == "readout" and not readout:
             raise ValueError("predict_by='readout' needs readout=True")
         for key, val in (("minus", minus), ("readout", readout), ("skip_first", skip_first),
-                         ("normalize_input", normalize_input)):
+                         ("normalize_input", normalize_input), ("calibrate", calibrate)):
             if not isinstance(val, bool):
                 raise ValueError(f"{key} must be True or False, got {val!r}")
         if (isinstance(peer_normalization, bool) or not isinstance(peer_normalization, (int, float))
@@ -193,6 +208,9 @@ class ForwardForward(Rule):
         self.normalize_input = normalize_input
         self.peer_normalization = float(peer_normalization)
         self.peer_momentum = float(peer_momentum)
+        self.calibrate = calibrate
+        #: whether the first-step calibration has run (or is not wanted): part of the state
+        self.calibrated = not calibrate
         #: running mean activity of every unit on positive data, per layer (peer normalisation)
         self.peer_means: list[Tensor] = []
         self.local_loss_hook: LocalLossHook | None = None
@@ -363,10 +381,40 @@ class ForwardForward(Rule):
         out = block(x)
         return out, out
 
+    @torch.no_grad()
+    def calibrate_layers(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> list[float]:
+        """Scale each layer's first ``Linear`` so its mean squared activity on ``inputs`` with their true labels
+        is ``threshold`` (see ``calibrate``); return the factors applied. A layer's input is length-normalised,
+        so scaling one layer leaves the next one's input unchanged and each layer is set on its own."""
+        blocks, classes = self.blocks(model)
+        h = self.embed(model, inputs, targets, classes)
+        factors = []
+        for i, block in enumerate(blocks):
+            x = self.normalize(h) if i else h
+            lin = next((m for m in block.modules() if isinstance(m, nn.Linear)), None)
+            total = 1.0
+            for _ in range(5):
+                h = block(x)
+                ms = float(h.float().pow(2).mean())
+                done = lin is None or self.threshold <= 0 or not 0 < ms < float("inf")
+                if done or abs(ms / self.threshold - 1) < 1e-3:
+                    break
+                c = math.sqrt(self.threshold / ms)
+                lin.weight.mul_(c)
+                if lin.bias is not None:
+                    lin.bias.mul_(c)
+                total *= c
+            h = block(x)
+            factors.append(total)
+        self.calibrated = True
+        return factors
+
     # --- the contract ---------------------------------------------------------------------------
     def grads(self, model: nn.Module, inputs: Tensor, targets: Tensor) -> float:
         """Accumulate every layer's local-loss gradient; return the summed local losses (plus the read-out's)."""
         blocks, classes = self.blocks(model)
+        if not self.calibrated:
+            self.calibrate_layers(model, inputs, targets)
         n = inputs.shape[0]
         total: Tensor = torch.zeros((), device=inputs.device)
         scores = None
@@ -407,12 +455,14 @@ class ForwardForward(Rule):
         state = super().state_dict()
         state["peer_means"] = [m.detach().cpu().clone() for m in self.peer_means]
         state["label_placement"] = self.label_placement
+        state["calibrated"] = self.calibrated
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         super().load_state_dict(state)
         self.peer_means = [m.clone() for m in state.get("peer_means", [])]
         self.label_placement = state.get("label_placement")
+        self.calibrated = bool(state.get("calibrated", True))  # states from before calibration: never rescale
 
     def untrained(self, model: nn.Module) -> set[str]:
         """The MLP's final ``Linear``: Forward-Forward predicts from the layers' goodness, not from it (the
