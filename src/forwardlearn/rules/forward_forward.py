@@ -43,7 +43,6 @@ subclass :class:`ForwardForward` and replace only those.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import Any, ClassVar
 
@@ -63,6 +62,7 @@ from .forward_forward_parts import (
     mlp_blocks,
     positive_logits,
     random_negative_labels,
+    scale_to_mean_square,
 )
 
 __all__ = ["CollaborativeForwardForward", "ForwardForward"]
@@ -391,21 +391,8 @@ class ForwardForward(Rule):
         factors = []
         for i, block in enumerate(blocks):
             x = self.normalize(h) if i else h
-            lin = next((m for m in block.modules() if isinstance(m, nn.Linear)), None)
-            total = 1.0
-            for _ in range(5):
-                h = block(x)
-                ms = float(h.float().pow(2).mean())
-                done = lin is None or self.threshold <= 0 or not 0 < ms < float("inf")
-                if done or abs(ms / self.threshold - 1) < 1e-3:
-                    break
-                c = math.sqrt(self.threshold / ms)
-                lin.weight.mul_(c)
-                if lin.bias is not None:
-                    lin.bias.mul_(c)
-                total *= c
+            factors.append(scale_to_mean_square(block, x, self.threshold))
             h = block(x)
-            factors.append(total)
         self.calibrated = True
         return factors
 

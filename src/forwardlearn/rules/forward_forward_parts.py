@@ -27,6 +27,7 @@ __all__ = [
     "mlp_blocks",
     "positive_logits",
     "random_negative_labels",
+    "scale_to_mean_square",
 ]
 
 
@@ -190,3 +191,23 @@ def _accept_widened_state(linear: nn.Linear, classes: int, scale: float) -> None
 
     linear._register_load_state_dict_pre_hook(hook, with_module=True)
     linear.ff_accepts_widened = True
+
+
+@torch.no_grad()
+def scale_to_mean_square(block: nn.Module, x: Tensor, target: float, passes: int = 5) -> float:
+    """Scale the first ``Linear`` of ``block`` (weight and bias, in place) until ``block(x)`` has mean square
+    ``target`` (within 0.1 %, at most ``passes`` passes); return the factor applied. A ReLU block is positively
+    homogeneous, so one pass is exact (the LSUV idea of Mishkin & Matas 2016 with a goodness target). A block
+    without a ``Linear``, a target of 0 or an all-zero output is left as it is (factor 1)."""
+    lin = next((m for m in block.modules() if isinstance(m, nn.Linear)), None)
+    total = 1.0
+    for _ in range(passes):
+        ms = float(block(x).float().pow(2).mean())
+        if lin is None or target <= 0 or not 0 < ms < float("inf") or abs(ms / target - 1) < 1e-3:
+            break
+        c = math.sqrt(target / ms)
+        lin.weight.mul_(c)
+        if lin.bias is not None:
+            lin.bias.mul_(c)
+        total *= c
+    return total
