@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--json", default="", help="also write the rows to this file")
+    p.add_argument("--json", default="", help="also write the rows, with the command, to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
@@ -82,8 +82,14 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{net_name:<8} {label:<27} {row['test_acc']:>8.4f} {per_epoch:>8.3f} "
                   f"{row['ratio_to_backprop']:>10.2f}", flush=True)
     if args.json:
+        command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/ff_conv.py", *(sys.argv[1:] if argv is None
+                                                                          else argv)])
+        setup = {"command": command, "data": args.data, "train_examples": len(train[0]), "test_examples":
+                 len(test[0]), "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
+                 "threads": args.threads, "device": args.device}
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"setup": setup, "rows": rows}, f, indent=1)
+            f.write("\n")
     return 0
 
 

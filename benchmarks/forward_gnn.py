@@ -94,8 +94,14 @@ def main(argv: list[str] | None = None) -> int:
                     print(f"{graph.name:<16} {label:<32} {r['test_acc']:>8.4f} {r['best_epoch']:>7} "
                           f"{r['seconds_per_epoch']:>8.4f} {r['ratio_to_backprop']:>10.2f}", flush=True)
     if args.json:
+        command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/forward_gnn.py", *(argv if argv is not None
+                                                                               else sys.argv[1:])])
+        setup = {"command": command, "hidden": args.hidden, "layers": args.layers, "kinds": args.kinds,
+                 "seeds": args.seeds, "eval_every": args.eval_every, "threads": args.threads,
+                 "csbm": {g: CSBM[g] for g in args.graphs.split(",") if g in CSBM}}
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"setup": setup, "rows": rows}, f, indent=1)
+            f.write("\n")
     return 0
 
 
