@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"data {args.data}: {len(train[0])} train / {len(test[0])} test, {args.epochs} epochs, lr {args.lr}, "
           f"batch {args.batch_size}, {args.threads} thread(s), device {args.device}")
     print(f"{'network':<8} {'rule':<27} {'test acc':>8} {'s/epoch':>8} {'x backprop':>10} {'CPU x backprop':>14}")
+    torch.manual_seed(args.seed)  # the initial weights, shared by the rows of each network
     for net_name, net in networks(info.shape, info.classes, args.models.split(",")).items():
         base_time = base_cpu = None
         for rule_name, opts in RUNS:

@@ -14,21 +14,12 @@ with ``backprop`` and the same optimiser settings, over several seeds.
 Run from the repository root (one thread, as the project measures)::
 
     OMP_NUM_THREADS=1 python benchmarks/harsanyi_cost.py            # both parts
-    OMP_NUM_THREADS=1 python benchmarks/harsanyi_cost.py --part cost --inputs 5
+    OMP_NUM_THREADS=1 python benchmarks/harsanyi_cost.py --part cost --inputs 5 \\
+        --json benchmarks/results/harsanyi_cost.json
 
-One run on 2 shared, heavily loaded CPU cores, one thread (ratios are within one run; seconds are not
-comparable across runs):
-
-* cost, ``--part cost --inputs 5``: one HarsanyiNet forward gives Shapley values whose float32 error is
-  4e-8 (breast_cancer, 30 variables) and 7e-8 (digits, 16 stem cells; brute force over 2^16 coalitions
-  agrees to 2e-16 in float64 and takes 1.7e4 forwards' time). Antithetic permutation sampling with 2048
-  orderings reaches RMSE 4.0 % (breast_cancer) / 6.7 % (digits) of mean |phi| at 790x / 4300x the time of
-  one forward; Kernel SHAP with 4096 coalitions 23 % / 15 % at 130x / 510x. Extrapolating error ~
-  budget^-1/2, 1 % RMSE costs ~1e4-2e5 forwards' time, and HarsanyiNet's float32 error ~1e14-1e15.
-* accuracy, ``--part accuracy --seeds 3`` (test accuracy, mean +- sd): breast_cancer 0.956 +- 0.009
-  (HarsanyiNet, 46.6k parameters incl. tau) vs 0.956 +- 0.015 (MLP 100-100-100, 23.5k); wine 1.000 vs
-  1.000 (36 test inputs); digits 0.982 +- 0.006 (CNN form, 43.7k) vs 0.978 +- 0.003 (matched ordinary
-  CNN, 43.5k). HarsanyiNet trains 2.4-3.0x slower per run.
+With ``--json PATH`` the measurements are also written there with the command; the stored runs are
+``benchmarks/results/harsanyi_cost.json`` (``--part cost --inputs 5``) and
+``benchmarks/results/harsanyi_accuracy.json`` (``--part accuracy --seeds 3``), shown in the README.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ lr, epochs, batch size, ``K``) and changes only that option; each seed sets the 
 order and the rule's direction stream alike for both forms::
 
     python benchmarks/zo_lowrank_accuracy.py --seeds 0,1,2 --out benchmarks/results/zo_lowrank_digits
-    python benchmarks/zo_lowrank_accuracy.py --rule forward_gradient --seeds 0,1,2 \
+    python benchmarks/zo_lowrank_accuracy.py --rule forward_gradient --seeds 0,1,2 \\
         --out benchmarks/results/forward_gradient_rank1_digits
 
 writes ``<out>.json`` (every run's history) and ``<out>.md`` (the table, with the command).
