@@ -109,8 +109,12 @@ def train_one(key: str, data: dict[str, Tensor], epochs: int, lr: float | None, 
         path.write_text(json.dumps(out, indent=1))
 
 
-def timing(keys: list[str], data: dict[str, Tensor], steps: int, rounds: int) -> dict[str, float]:
-    """Median time of ``steps`` training steps per rule, in interleaved rounds; ratio to backprop."""
+def timing(keys: list[str], data: dict[str, Tensor], steps: int, rounds: int, clock: str = "wall"
+           ) -> tuple[dict[str, float], dict[str, list[float]]]:
+    """Median time of ``steps`` training steps per rule, in interleaved rounds; ratio to backprop (and the
+    seconds per step of every round). ``clock``: ``wall`` (``perf_counter``) or ``cpu`` (this process's CPU
+    time, which other jobs on a shared machine disturb far less)."""
+    now = time.process_time if clock == "cpu" else time.perf_counter
     setups = []
     for key in ["backprop"] + [k for k in keys if k != "backprop"]:
         name, opts = RULES[key]
@@ -123,16 +127,16 @@ def timing(keys: list[str], data: dict[str, Tensor], steps: int, rounds: int) ->
     times: dict[str, list[float]] = {k: [] for k, *_ in setups}
     for r in range(rounds + 1):
         for key, rule, model, opt in setups:
-            t = time.perf_counter()
+            t = now()
             for s in range(steps):
                 i = ((r * steps + s) * 64) % (len(X) - 64)
                 opt.zero_grad(set_to_none=True)
                 rule.grads(model, X[i : i + 64], y[i : i + 64])
                 opt.step()
             if r > 0:  # round 0 is warm-up
-                times[key].append((time.perf_counter() - t) / steps)
+                times[key].append((now() - t) / steps)
     bp = statistics.median(times["backprop"])
-    return {k: statistics.median(v) / bp for k, v in times.items()} | {"backprop_seconds_per_step": bp}
+    return {k: statistics.median(v) / bp for k, v in times.items()} | {"backprop_seconds_per_step": bp}, times
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -144,15 +148,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", type=Path, default=None, help="JSON file for the results")
     ap.add_argument("--timing", type=int, default=0, metavar="STEPS",
-                    help="only time STEPS training steps per rule per round (5 rounds) and print the ratios")
+                    help="only time STEPS training steps per rule per round (5 rounds) and print the ratios "
+                    "(and write them to --out)")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="--timing's clock: wall-clock or this process's CPU time (default wall)")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     X, y = fl.data.load("mnist", "train")
     Xt, yt = fl.data.load("mnist", "test")
     data = {"X": prepare(X), "y": y, "Xt": prepare(Xt), "yt": yt}
     if args.timing:
-        ratios = timing(args.rules, data, args.timing, rounds=5)
+        ratios, times = timing(args.rules, data, args.timing, rounds=5, clock=args.clock)
         print(json.dumps(ratios, indent=1))
+        if args.out is not None:
+            setup = {"model": "LeNet-5 (BioTorch LeNetMNIST), 32x32 input", "optimizer": "SGD", "momentum": 0.9,
+                     "lr": 0.01, "batch_size": 64, "steps_per_round": args.timing, "rounds": 5,
+                     "threads": args.threads, "clock": args.clock, "command": "python " + " ".join(sys.argv)}
+            args.out.parent.mkdir(parents=True, exist_ok=True)
+            args.out.write_text(json.dumps({"setup": setup, "rules": {k: RULES[k][0] for k in times},
+                                            "options": {k: RULES[k][1] for k in times},
+                                            "ratios": ratios, "seconds_per_step": times}, indent=1) + "\n")
         return 0
     out: dict[str, Any] = {"setup": {"model": "LeNet-5 (BioTorch LeNetMNIST), 32x32 input", "optimizer": "SGD",
                                      "momentum": 0.9, "weight_decay": 1e-3, "batch_size": 64, "lr": args.lr or LR,

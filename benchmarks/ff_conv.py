@@ -46,7 +46,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--json", default="", help="also write the rows to this file")
+    p.add_argument("--json", default="", help="also write the rows, with the command, to this file")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     try:
@@ -61,9 +61,10 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"data {args.data}: {len(train[0])} train / {len(test[0])} test, {args.epochs} epochs, lr {args.lr}, "
           f"batch {args.batch_size}, {args.threads} thread(s), device {args.device}")
-    print(f"{'network':<8} {'rule':<27} {'test acc':>8} {'s/epoch':>8} {'x backprop':>10}")
+    print(f"{'network':<8} {'rule':<27} {'test acc':>8} {'s/epoch':>8} {'x backprop':>10} {'CPU x backprop':>14}")
+    torch.manual_seed(args.seed)  # the initial weights, shared by the rows of each network
     for net_name, net in networks(info.shape, info.classes, args.models.split(",")).items():
-        base_time = None
+        base_time = base_cpu = None
         for rule_name, opts in RUNS:
             torch.manual_seed(args.seed)
             model = copy.deepcopy(net)
@@ -73,17 +74,26 @@ def main(argv: list[str] | None = None) -> int:
                             seed=args.seed, progress=False, eval_train=False, device=args.device)
             wall = time.perf_counter() - t0
             per_epoch = sum(hist.column("seconds")) / len(hist)
+            cpu_per_epoch = sum(hist.column("cpu_seconds")) / len(hist)
             base_time = per_epoch if rule_name == "backprop" else base_time
+            base_cpu = cpu_per_epoch if rule_name == "backprop" else base_cpu
             label = rule_name + ("" if not opts else f"(block_local={opts['block_local']})")
             row = {"data": args.data, "network": net_name, "rule": label, "test_acc": hist.final["test_acc"],
                    "seconds_per_epoch": per_epoch, "ratio_to_backprop": per_epoch / base_time, "wall": wall,
+                   "cpu_seconds_per_epoch": cpu_per_epoch, "cpu_ratio_to_backprop": cpu_per_epoch / base_cpu,
                    "test_acc_per_epoch": hist.column("test_acc")}
             rows.append(row)
             print(f"{net_name:<8} {label:<27} {row['test_acc']:>8.4f} {per_epoch:>8.3f} "
-                  f"{row['ratio_to_backprop']:>10.2f}", flush=True)
+                  f"{row['ratio_to_backprop']:>10.2f} {row['cpu_ratio_to_backprop']:>14.2f}", flush=True)
     if args.json:
+        command = " ".join(["OMP_NUM_THREADS=1 python benchmarks/ff_conv.py", *(sys.argv[1:] if argv is None
+                                                                          else argv)])
+        setup = {"command": command, "data": args.data, "train_examples": len(train[0]), "test_examples":
+                 len(test[0]), "epochs": args.epochs, "lr": args.lr, "batch_size": args.batch_size, "seed": args.seed,
+                 "threads": args.threads, "device": args.device}
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+            json.dump({"setup": setup, "rows": rows}, f, indent=1)
+            f.write("\n")
     return 0
 
 

@@ -14,30 +14,24 @@ with ``backprop`` and the same optimiser settings, over several seeds.
 Run from the repository root (one thread, as the project measures)::
 
     OMP_NUM_THREADS=1 python benchmarks/harsanyi_cost.py            # both parts
-    OMP_NUM_THREADS=1 python benchmarks/harsanyi_cost.py --part cost --inputs 5
+    OMP_NUM_THREADS=1 python benchmarks/harsanyi_cost.py --part cost --inputs 5 \\
+        --json benchmarks/results/harsanyi_cost.json
 
-One run on 2 shared, heavily loaded CPU cores, one thread (ratios are within one run; seconds are not
-comparable across runs):
-
-* cost, ``--part cost --inputs 5``: one HarsanyiNet forward gives Shapley values whose float32 error is
-  4e-8 (breast_cancer, 30 variables) and 7e-8 (digits, 16 stem cells; brute force over 2^16 coalitions
-  agrees to 2e-16 in float64 and takes 1.7e4 forwards' time). Antithetic permutation sampling with 2048
-  orderings reaches RMSE 4.0 % (breast_cancer) / 6.7 % (digits) of mean |phi| at 790x / 4300x the time of
-  one forward; Kernel SHAP with 4096 coalitions 23 % / 15 % at 130x / 510x. Extrapolating error ~
-  budget^-1/2, 1 % RMSE costs ~1e4-2e5 forwards' time, and HarsanyiNet's float32 error ~1e14-1e15.
-* accuracy, ``--part accuracy --seeds 3`` (test accuracy, mean +- sd): breast_cancer 0.956 +- 0.009
-  (HarsanyiNet, 46.6k parameters incl. tau) vs 0.956 +- 0.015 (MLP 100-100-100, 23.5k); wine 1.000 vs
-  1.000 (36 test inputs); digits 0.982 +- 0.006 (CNN form, 43.7k) vs 0.978 +- 0.003 (matched ordinary
-  CNN, 43.5k). HarsanyiNet trains 2.4-3.0x slower per run.
+With ``--json PATH`` the measurements are also written there with the command; the stored runs are
+``benchmarks/results/harsanyi_cost.json`` (``--part cost --inputs 5``) and
+``benchmarks/results/harsanyi_accuracy.json`` (``--part accuracy --seeds 3``), shown in the README.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -89,7 +83,8 @@ def kernel_shap(game: Callable[[Tensor], Tensor], n: int, nsamples: int, seed: i
     return torch.as_tensor(np.asarray(values).reshape(-1), dtype=torch.float64)
 
 
-def cost(name: str, inputs: int, use_shap: bool) -> None:
+def cost(name: str, inputs: int, use_shap: bool) -> dict[str, Any]:
+    """Part 1 on one data set; returns what it prints (times in seconds per input, errors as RMSE)."""
     torch.manual_seed(0)
     model, acc = train_harsanyi(name)
     Xte, _ = fl.data.load(name, "test")
@@ -112,12 +107,18 @@ def cost(name: str, inputs: int, use_shap: bool) -> None:
     print(f"HarsanyiNet one forward: {t_one / inputs * 1e3:.3f} ms per input (batch of one; a plain prediction "
           f"takes {t_pred * 1e3:.3f} ms), {t_batch / inputs * 1e3:.4f} ms per input in a batch of {inputs}; "
           f"RMSE of float32 vs float64 = {floor:.2e} (mean |phi| = {scale:.3f})")
+    rec: dict[str, Any] = {"data": name, "test_acc": acc, "variables": n, "inputs": inputs,
+                           "seconds_one_forward": t_one / inputs, "seconds_prediction": t_pred,
+                           "seconds_batched_forward": t_batch / inputs, "float32_rmse": floor, "mean_abs_phi": scale,
+                           "estimators": {}}
     if n <= 16:  # the ground truth by definition, for the first input (2^n evaluations)
         game = harsanyi_game(model64, x[0].double(), int(target[0]))
         bf, t_bf = timed(lambda: brute_force_shapley(game, n))
         print(f"brute force over 2^{n} coalitions (float64, first input): {t_bf:.3f} s "
               f"= {t_bf / (t_one / inputs):.2g} x one forward; "
               f"max |brute force - HarsanyiNet| = {float((bf - ref[0]).abs().max()):.2e}")
+        rec["brute_force"] = {"coalitions": 2 ** n, "seconds": t_bf, "vs_one_forward": t_bf / (t_one / inputs),
+                              "max_abs_diff_float64": float((bf - ref[0]).abs().max())}
     games32 = [harsanyi_game(model, x[i], int(target[i])) for i in range(inputs)]
     print(f"{'estimator':<22}{'budget':>8}{'evaluations':>13}{'RMSE':>11}{'RMSE/mean|phi|':>16}"
           f"{'s per input':>13}{'x one forward':>15}")
@@ -128,6 +129,9 @@ def cost(name: str, inputs: int, use_shap: bool) -> None:
         est, t = timed(lambda m=m, g=g: torch.stack([permutation_shapley(gm, n, m, generator=g) for gm in games32]))
         e = rmse(est, ref)
         fits.setdefault("permutation", []).append((t / inputs, e))
+        rec["estimators"].setdefault("permutation", []).append(
+            {"budget": m, "evaluations": m * (n - 1) + 2, "rmse": e, "rmse_rel": e / scale,
+             "seconds_per_input": t / inputs, "vs_one_forward": t / t_one})
         print(f"{'permutation (antith.)':<22}{m:>8}{m * (n - 1) + 2:>13}{e:>11.2e}{e / scale:>16.2e}"
               f"{t / inputs:>13.4f}{t / t_one:>15.0f}")
     if use_shap:
@@ -135,6 +139,9 @@ def cost(name: str, inputs: int, use_shap: bool) -> None:
             est, t = timed(lambda m=m: torch.stack([kernel_shap(gm, n, m, seed=m) for gm in games32]))
             e = rmse(est, ref)
             fits.setdefault("kernel SHAP", []).append((t / inputs, e))
+            rec["estimators"].setdefault("kernel SHAP", []).append(
+                {"budget": m, "evaluations": m, "rmse": e, "rmse_rel": e / scale, "seconds_per_input": t / inputs,
+                 "vs_one_forward": t / t_one})
             print(f"{'kernel SHAP (shap)':<22}{m:>8}{m:>13}{e:>11.2e}{e / scale:>16.2e}"
                   f"{t / inputs:>13.4f}{t / t_one:>15.0f}")
     # Monte-Carlo error falls like budget^-1/2, i.e. time ~ error^-2: extrapolate from the largest budget
@@ -145,6 +152,7 @@ def cost(name: str, inputs: int, use_shap: bool) -> None:
             print(f"{label}: time per input to reach RMSE {goal:.1e} ({goal_name}): ~{need:.3g} s "
                   f"= {need / (t_one / inputs):.2g} x one HarsanyiNet forward "
                   f"({'measured' if e_last <= goal else 'extrapolated from the largest budget'})")
+    return rec
 
 
 class _SkipSum(nn.Module):
@@ -165,7 +173,9 @@ class _SkipSum(nn.Module):
         return out
 
 
-def accuracy(seeds: int) -> None:
+def accuracy(seeds: int) -> list[dict[str, Any]]:
+    """Part 2; returns one record per data set and model (test accuracies per seed, parameters, time ratio)."""
+    out: list[dict[str, Any]] = []
     print(f"\n== accuracy: test accuracy over {seeds} seeds (mean +- sd), same optimiser settings ==")
     for name in ["breast_cancer", "wine", "digits"]:
         Xtr, ytr = fl.data.load(name)
@@ -200,6 +210,10 @@ def accuracy(seeds: int) -> None:
             print(f"{name:<14}{label:<13}{params[label]:>8} params  acc {statistics.mean(accs):.3f} +- {sd:.3f}  "
                   f"train time x{secs[label] / secs['ordinary']:.1f} of ordinary  ({hp['epochs']} epochs, "
                   f"Adam lr {hp['lr']}, batch {hp['batch_size']})")
+            out.append({"data": name, "model": label, "form": form, "parameters": params[label], "test_acc": accs,
+                        "mean": statistics.mean(accs), "sd": sd, "time_vs_ordinary": secs[label] / secs["ordinary"],
+                        "epochs": hp["epochs"], "lr": hp["lr"], "batch_size": hp["batch_size"]})
+    return out
 
 
 def main() -> None:
@@ -209,6 +223,7 @@ def main() -> None:
     p.add_argument("--inputs", type=int, default=5, help="test inputs explained per data set")
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--no-shap", action="store_true", help="skip Kernel SHAP even if shap is installed")
+    p.add_argument("--json", default="", help="also write the measurements here, with the command")
     args = p.parse_args()
     torch.set_num_threads(1)
     use_shap = not args.no_shap
@@ -218,11 +233,16 @@ def main() -> None:
         except ImportError:
             print("shap is not installed: Kernel SHAP is skipped")
             use_shap = False
+    res: dict[str, Any] = {"command": " ".join(["OMP_NUM_THREADS=1 python benchmarks/harsanyi_cost.py",
+                                                *sys.argv[1:]]), "threads": 1, "kernel_shap": use_shap}
     if args.part in ("cost", "all"):
-        for name in args.data:
-            cost(name, args.inputs, use_shap)
+        res["cost"] = [cost(name, args.inputs, use_shap) for name in args.data]
     if args.part in ("accuracy", "all"):
-        accuracy(args.seeds)
+        res["accuracy"] = accuracy(args.seeds)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(res, f, indent=1)
+            f.write("\n")
 
 
 if __name__ == "__main__":

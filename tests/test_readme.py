@@ -19,7 +19,8 @@ def test_readme_is_what_the_stored_results_generate() -> None:
     text = (ROOT / "README.md").read_text()
     for name in ("summary", "compare-digits", "bench", "architectures", "finetune-cost", "finetune-accuracy",
                  "zo-lowrank-cost", "zo-lowrank-accuracy", "forward-only-cost", "biotorch-lenet", "ff-mnist",
-                 "distributed-bytes", "ep-cost"):
+                 "distributed-bytes", "ep-cost", "forward-gnn", "ff-conv", "forward-gradient-rank1", "lenet-timing",
+                 "federated", "replay-bytes", "harsanyi-cost", "harsanyi-accuracy"):
         assert blocks.BEGIN.format(name) in text and blocks.END.format(name) in text, name
     assert readme_text(ROOT / "benchmarks" / "results", ROOT / "README.md") == text
 
@@ -70,6 +71,14 @@ def test_a_missing_results_file_names_the_command_that_makes_it(tmp_path) -> Non
     ("ff-mnist", "python benchmarks/ff_mnist.py --recipe hinton"),
     ("distributed-bytes", "python benchmarks/distributed_bytes.py"),
     ("ep-cost", "forwardlearn bench cost"),
+    ("forward-gnn", "python benchmarks/forward_gnn.py"),
+    ("ff-conv", "python benchmarks/ff_conv.py --data mnist"),
+    ("forward-gradient-rank1", "python benchmarks/zo_lowrank_accuracy.py --rule forward_gradient"),
+    ("lenet-timing", "python benchmarks/biotorch_lenet.py --timing 20 --clock cpu"),
+    ("federated", "python benchmarks/federated.py --clients 10 --rounds 100"),
+    ("replay-bytes", "python benchmarks/replay_bytes.py"),
+    ("harsanyi-cost", "python benchmarks/harsanyi_cost.py --part cost"),
+    ("harsanyi-accuracy", "python benchmarks/harsanyi_cost.py --part accuracy"),
 ])
 def test_each_new_block_names_the_command_of_its_missing_file(tmp_path, name: str, command: str) -> None:
     with pytest.raises(FileNotFoundError, match=command.replace(".", r"\.")):

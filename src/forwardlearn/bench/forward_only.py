@@ -37,9 +37,10 @@ def lowrank_accuracy_markdown(res: dict[str, Any]) -> str:
     """Test accuracy of every perturbation form over seeds (mean +- sd, per seed, seconds), with the command."""
     seeds = ",".join(str(r["seed"]) for r in next(iter(res["runs"].values())))
     lines = [f"Command: `{res['command']}`  ",
-             f"`zo_spsa` on {res['data']} with its defaults ({json.dumps(res['defaults'])}), seeds {seeds}; "
-             "equal steps for both forms.", "",
-             "| perturbation | test accuracy, mean +- sd (%) | per seed (%) | seconds per run (mean) |",
+             f"`{res.get('rule', 'zo_spsa')}` on {res['data']} with its defaults ({json.dumps(res['defaults'])}), "
+             f"seeds {seeds}; equal steps for both forms.", "",
+             f"| {res.get('option', 'perturbation')} | test accuracy, mean +- sd (%) | per seed (%) | "
+             "seconds per run (mean) |",
              "|---|---:|---:|---:|"]
     for form, runs in res["runs"].items():
         accs = [100 * r["test_acc"] for r in runs]

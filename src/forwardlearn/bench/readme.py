@@ -279,4 +279,5 @@ def zo_lowrank_accuracy(results: Path, prefix: str) -> str:
     return lowrank_accuracy_markdown(res)
 
 
-from . import readme_repro  # noqa: E402,F401  (registers the reproduction blocks)
+# registers the reproduction and rule-specific measurement blocks
+from . import readme_measurements, readme_repro  # noqa: E402,F401
