@@ -105,3 +105,13 @@ def test_replay_command_checks_bit_identity(tmp_path, digits, capsys):
                "--check", str(other / "checkpoint.pt"), "--out", str(tmp_path / "w.pt")])
     assert rc == 2 and "replayed weights differ" in capsys.readouterr().err
     assert main(["replay", str(tmp_path / "nope.pt"), str(tmp_path / "updates.log")]) == 2
+
+
+def test_train_writes_the_log_into_a_folder_that_does_not_exist_yet(tmp_path, capsys):
+    log = tmp_path / "logs" / "deep" / "updates.log"
+    rc = main(["train", "--rule", "zo_spsa", "--data", "digits", "--epochs", "1", "--hidden", "8", "--quiet",
+               "--out", str(tmp_path / "run"), "--update-log", str(log)])
+    assert rc == 0, capsys.readouterr().err
+    assert log.is_file() and (log.parent / "base.pt").is_file()
+    rebuilt, steps = replay(log.parent / "base.pt", log)
+    assert steps > 0

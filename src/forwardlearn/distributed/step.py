@@ -246,6 +246,7 @@ class SeedScalarStep(Strategy):
         if not resumed:
             if trainer.global_step != 0:
                 raise ValueError("an update log starts with the run")
+            base.parent.mkdir(parents=True, exist_ok=True)  # the log's folder need not exist yet
             atomic_save({"model": trainer.model.state_dict(), "optimizer": trainer.optimizer.state_dict(),
                          "config": trainer.config}, base)
             self.log = UpdateLog.create(self.update_log_path, self._log_header(trainer))
