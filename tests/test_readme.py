@@ -79,6 +79,7 @@ def test_a_missing_results_file_names_the_command_that_makes_it(tmp_path) -> Non
     ("replay-bytes", "python benchmarks/replay_bytes.py"),
     ("harsanyi-cost", "python benchmarks/harsanyi_cost.py --part cost"),
     ("harsanyi-accuracy", "python benchmarks/harsanyi_cost.py --part accuracy"),
+    ("compare-mnist-ff", "forwardlearn compare --rules backprop,ff --seeds 3 --data mnist"),
 ])
 def test_each_new_block_names_the_command_of_its_missing_file(tmp_path, name: str, command: str) -> None:
     with pytest.raises(FileNotFoundError, match=command.replace(".", r"\.")):

@@ -108,6 +108,23 @@ def compare_digits(results: Path, prefix: str) -> str:
     return compare_markdown(_load(results, "compare-digits.json", "forwardlearn compare --data digits"))
 
 
+@block("compare-mnist-ff")
+def compare_mnist_ff(results: Path, prefix: str) -> str:
+    """``compare-mnist-ff.json`` / ``compare-mnist-cff.json`` (``forwardlearn compare --data mnist --rules
+    backprop,ff`` and ``backprop,cff``, 3 seeds): Forward-Forward's defaults against backprop's on MNIST."""
+    from .report import compare_markdown
+
+    parts = []
+    for name in ("ff", "cff"):
+        res = _load(results, f"compare-mnist-{name}.json",
+                    f"forwardlearn compare --rules backprop,{name} --seeds 3 --data mnist --seed 0")
+        rows = {r["rule"]: r for r in res["results"]}
+        gap = 100 * (rows["backprop"]["test_acc"] - rows[name]["test_acc"])
+        parts.append(f"{compare_markdown(res)}\n`{name}` ends {abs(gap):.2f} points {'below' if gap > 0 else 'above'} "
+                     f"backprop (mean of {len(rows[name]['seeds'])} seeds).\n")
+    return "\n".join(parts)
+
+
 def _pct(v: float) -> str:
     return f"{100 * v:.2f} %"
 
