@@ -100,8 +100,9 @@ def _normalised(model: nn.Module, units: list[tuple[str, nn.Module]]) -> list[tu
 
     The layer's output before its normalisation has its own small scale and a gradient the normalisation
     amplifies: a unit-variance perturbation there dominates every other unit's estimate (on ``rescnn`` its
-    per-example squared gradient norm is 25x the block's). Perturbed after the normalisation and trained
-    through it locally, as Ren et al. 2023 (Sec. 4, code ``norm_grad``) add their noise after the normalisation.
+    per-example squared gradient norm is over 25 times the block output's). Perturbed after the normalisation and
+    trained through it locally instead, as Ren et al. 2023 add their noise after the normalisation and take
+    its gradient through the normalisation layer (their released code).
     """
     ids = {id(m) for _, m in units}
     groups: dict[int, tuple[str, nn.Module]] = {}
