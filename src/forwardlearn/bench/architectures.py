@@ -117,6 +117,14 @@ def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _cells(cells: list[list[str]]) -> str:
+    """``[[rule, model], ...]`` as "`rule` on model, model; ..." (one entry per rule, models in table order)."""
+    by: dict[str, list[str]] = {}
+    for r, a in cells:
+        by.setdefault(r, []).append(a)
+    return "; ".join(f"`{r}` on {', '.join(LABELS[a] for a in MODELS if a in models)}" for r, models in by.items())
+
+
 def markdown(result: dict[str, Any], hardware_line: str, command: str) -> str:
     """The rule x architecture table: ``acc mean ± sd (time x backprop)`` per cell, or the reason."""
     archs = [a for a in MODELS if a in result["models"]]  # the table's column order, whatever order they ran in
@@ -129,8 +137,8 @@ def markdown(result: dict[str, Any], hardware_line: str, command: str) -> str:
         "are in the JSON file.",
         "",
         f"Command: `{command}`; {hardware_line}.",
-        *[f"Rerun: {', '.join(f'`{r}` on {a}' for r, a in u['cells'])} with `{u['command']}`; commit "
-          f"{str(u.get('git_commit') or 'unknown')[:12]}; {u.get('date')}." for u in result["meta"].get("updates", [])],
+        *[f"Rerun: {_cells(u['cells'])} with `{u['command']}`; commit {str(u.get('git_commit') or 'unknown')[:12]}; "
+          f"{u.get('date')}." for u in result["meta"].get("updates", [])],
         "",
         "| rule | " + " | ".join(result["models"][a]["label"] for a in archs) + " |",
         "|---|" + "---|" * len(archs),
