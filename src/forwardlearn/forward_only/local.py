@@ -27,6 +27,8 @@ PERTURBABLE = (nn.Linear, nn.Conv2d)
 NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.LayerNorm)
 #: units whose parameter gradient has a closed form here (forward-only)
 FORMULA = (*PERTURBABLE, *NORMS)
+#: :func:`output_gradient` of a loss other than cross-entropy uses the exact batch-loss path up to this many numbers
+GRADIENT_LIMIT = 2**22
 
 
 def has_formula(m: nn.Module) -> bool:
@@ -138,20 +140,29 @@ def output_unit(outputs: Tensor, produced: list[tuple[int, torch.Size]]) -> int 
 
 def output_gradient(loss_fn: LossFn, outputs: Tensor, targets: Tensor) -> Tensor:
     """``dL/d outputs`` of the batch loss ``L = loss_fn(outputs, targets)`` without a reverse pass: the derivative
-    with respect to the model's output only (for cross-entropy ``(softmax - onehot) / N``; for any other loss
-    one forward-mode :func:`~forwardlearn.forward_only.forward_mode.per_example_directional` per output
-    feature, exact for a loss that sums or averages per-example terms)."""
+    with respect to the model's output only. Cross-entropy: ``(softmax - onehot) / N``. Any other loss: one
+    forward-mode pass per output feature, through
+    :func:`~forwardlearn.forward_only.forward_mode.per_example_directional` (exact for any loss of the batch)
+    while its ``N x N`` masks fit in :data:`GRADIENT_LIMIT` numbers, else through the per-example losses (the
+    loss taken to be their mean, as ``ulr`` requires)."""
     n = outputs.shape[0]
     if loss_fn is F.cross_entropy and outputs.dim() == 2 and targets.dtype == torch.long and targets.dim() == 1:
         g = torch.softmax(outputs, 1)
         g[torch.arange(n, device=g.device), targets] -= 1.0
         return g / n
     flat = outputs.reshape(n, -1)
+
+    def per_example(o: Tensor) -> Tensor:
+        return torch.func.vmap(lambda a, t: loss_fn(a.unsqueeze(0), t.unsqueeze(0)))(o, targets) / n
+
     cols = []
     for j in range(flat.shape[1]):
         t = torch.zeros_like(flat)
         t[:, j] = 1.0
-        cols.append(per_example_directional(loss_fn, outputs, targets, t.view_as(outputs)))
+        if n * n * flat.shape[1] <= GRADIENT_LIMIT:
+            cols.append(per_example_directional(loss_fn, outputs, targets, t.view_as(outputs)))
+        else:
+            cols.append(torch.func.jvp(per_example, (outputs,), (t.view_as(outputs),))[1])
     return torch.stack(cols, 1).view_as(outputs)
 
 
