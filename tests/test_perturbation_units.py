@@ -32,7 +32,10 @@ def _batch(n: int = 64, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def test_a_layer_and_its_normalisation_are_one_unit() -> None:
-    assert [n for n, _ in perturbed_units(fl.models.build("rescnn", IMAGE, 10), "x")] == ["stem", "blocks.0", "head"]
+    rescnn = fl.models.build("rescnn", IMAGE, 10)
+    assert [n for n, _ in perturbed_units(rescnn, "x")] == ["stem", "blocks.0", "head"]
+    assert [n for n, _ in perturbed_units(rescnn, "x", ["stem.0", "blocks.0"])] == ["stem.0", "stem.1", "blocks.0",
+                                                                                   "head"]  # as chosen
     nested = nn.Sequential(nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU()), nn.Linear(5, 3))
     assert [n for n, _ in perturbed_units(nested, "x")] == ["0", "1"]
     flat = nn.Sequential(nn.Linear(4, 5), nn.BatchNorm1d(5), nn.ReLU(), nn.Linear(5, 3))  # the model itself: kept apart

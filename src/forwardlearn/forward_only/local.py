@@ -71,8 +71,10 @@ def perturbed_units(model: nn.Module, rule: str, blocks: BlockSpec = None) -> li
     The blocks chosen by ``blocks`` (:func:`forwardlearn.blocks.select_blocks`; default: residual blocks,
     transformer layers, else ``Linear``/``Conv2d``) that hold trained parameters, plus every other module
     that owns trained parameters outside them (a normalisation layer, an attention module, an embedding).
-    On an MLP or a plain CNN these are exactly its ``Linear``/``Conv2d`` layers. Parameters that belong
-    to the forward of ``model`` itself (outside every submodule) are an error.
+    On an MLP or a plain CNN these are exactly its ``Linear``/``Conv2d`` layers. With the automatic choice, a
+    layer and the normalisation after it in one ``nn.Sequential`` are one unit (:func:`_normalised`; the
+    residual CNN's stem). Parameters that belong to the forward of ``model`` itself (outside every submodule)
+    are an error.
     """
     chosen = select_blocks(model, blocks, rule)
     inside = {id(c) for _, b in chosen for c in b.modules()}
@@ -88,7 +90,8 @@ def perturbed_units(model: nn.Module, rule: str, blocks: BlockSpec = None) -> li
                 out.append((name, m))
         elif id(m) not in inside and _own(m):
             out.append((name, m))
-    out = _normalised(model, out)
+    if blocks is None or blocks == "auto":
+        out = _normalised(model, out)
     for name, m in out:
         _check_conv(m, name, rule)
     if not out:
@@ -98,7 +101,8 @@ def perturbed_units(model: nn.Module, rule: str, blocks: BlockSpec = None) -> li
 
 def _normalised(model: nn.Module, units: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
     """``units`` with every ``nn.Sequential`` (not the model itself) whose weighted children are exactly one
-    ``Linear``/``Conv2d`` unit followed by normalisation units (``Conv2d -> BatchNorm2d -> ReLU``) as one unit.
+    ``Linear``/``Conv2d`` unit followed by normalisation units (``Conv2d -> BatchNorm2d -> ReLU``) as one unit
+    (automatic choice only: blocks given by name or type are kept as given).
 
     The layer's output before its normalisation has its own small scale and a gradient the normalisation
     amplifies: a unit-variance perturbation there dominates every other unit's estimate (on ``rescnn`` its
