@@ -5,8 +5,11 @@ the 1437 training digits, batch 64, the rule's benchmark settings) for seed 0. `
 accuracies that benchmark measured for seeds 0, 1, 2 (``benchmarks/results/architectures.json``); a test
 runs seed 0 and passes at ``chance + (measured seed 0 - chance) / 2``: half its measured margin over chance
 (10 %), and at least 15 %, so numerical noise from another machine or thread count does not fail it while a
-rule that stopped learning does. Margins differ a lot by rule (the table shows them); ``fa`` on the transformer and
-``activity_forward_gradient`` on it are the weakest (seeds at 0.15 and 0.10).
+rule that stopped learning does. Margins differ a lot by rule (the table shows them); the weakest are ``fa`` on the
+transformer (seeds at 0.15) and ``activity_forward_gradient``, ``ulr`` and ``pepita`` on the residual CNN (lowest seeds
+0.18-0.20, at chance before their estimates became per-example under batch norm, the output unit got its exact
+gradient, the stem's conv + batch norm became one perturbed unit and pepita's convolution updates a mean over
+positions).
 Cells measured at chance on every seed are ``xfail(strict=True)`` with the measurement: an open gap, not a hidden one.
 Runs above ~10 s are ``slow``; the fast stand-in for those checks that 20 steps on one batch of 64 lower
 that batch's loss.
@@ -33,9 +36,9 @@ MEASURED: dict[tuple[str, str], tuple[float, float, float]] = {
     ("zo_spsa", "rescnn"): (0.336, 0.408, 0.344),
     ("forward_gradient", "rescnn"): (0.278, 0.211, 0.311),
     ("local_forward_gradient", "rescnn"): (0.375, 0.406, 0.389),
-    ("activity_forward_gradient", "rescnn"): (0.100, 0.100, 0.122),
-    ("ulr", "rescnn"): (0.100, 0.103, 0.100),
-    ("pepita", "rescnn"): (0.072, 0.036, 0.125),
+    ("activity_forward_gradient", "rescnn"): (0.197, 0.183, 0.186),
+    ("ulr", "rescnn"): (0.200, 0.228, 0.311),
+    ("pepita", "rescnn"): (0.183, 0.222, 0.192),
     ("backprop", "transformer"): (0.556, 0.606, 0.519),
     ("fa", "transformer"): (0.325, 0.150, 0.147),
     ("sign_symmetry", "transformer"): (0.361, 0.433, 0.422),
@@ -43,15 +46,14 @@ MEASURED: dict[tuple[str, str], tuple[float, float, float]] = {
     ("dfa", "transformer"): (0.356, 0.375, 0.428),
     ("zo_spsa", "transformer"): (0.325, 0.331, 0.408),
     ("forward_gradient", "transformer"): (0.228, 0.311, 0.306),
-    ("activity_forward_gradient", "transformer"): (0.183, 0.153, 0.100),
+    ("activity_forward_gradient", "transformer"): (0.239, 0.292, 0.297),
     ("local_forward_gradient", "transformer"): (0.369, 0.436, 0.342),
-    ("ulr", "transformer"): (0.303, 0.261, 0.258),
+    ("ulr", "transformer"): (0.361, 0.292, 0.350),
     ("pepita", "transformer"): (0.233, 0.414, 0.364),
 }
 #: cells whose one seed takes well over 10 s on a shared 2-core machine
 SLOW = {("zo_spsa", "rescnn"), ("forward_gradient", "rescnn"), ("zo_spsa", "transformer"), ("ulr", "rescnn"),
-        ("ulr", "transformer"), ("activity_forward_gradient", "rescnn"), ("local_forward_gradient", "rescnn"),
-        ("pepita", "rescnn")}
+        ("ulr", "transformer"), ("activity_forward_gradient", "rescnn"), ("local_forward_gradient", "rescnn")}
 
 
 def _threshold(accs: tuple[float, ...]) -> float:
@@ -78,8 +80,10 @@ def test_rule_trains_the_model_above_chance(rule: str, model: str, accs: tuple[f
 #: (rule, model): batch loss before and after 20 steps on one batch of 64, seeds 0, 1, 2 (measured)
 ONE_BATCH: dict[tuple[str, str], tuple[tuple[float, float], ...]] = {
     ("zo_spsa", "transformer"): ((2.494, 2.180), (2.398, 2.098), (2.391, 2.083)),
-    ("ulr", "transformer"): ((2.494, 2.191), (2.398, 2.199), (2.391, 2.192)),
+    ("ulr", "transformer"): ((2.494, 2.165), (2.398, 2.147), (2.391, 2.099)),
     ("forward_gradient", "rescnn"): ((2.332, 2.190), (2.329, 2.184), (2.312, 2.180)),
+    ("activity_forward_gradient", "rescnn"): ((2.332, 2.227), (2.329, 2.247), (2.312, 2.246)),
+    ("ulr", "rescnn"): ((2.332, 2.223), (2.329, 2.227), (2.312, 2.225)),
 }
 
 

@@ -156,6 +156,9 @@ def test_forward_mode_mean_is_the_gradient(tangent):
 
 def _activity_estimate(estimator, k, seed=0, reduce=None):
     model, x, y = _linear()
+    # the identity as a new tensor: the unit's output is then not the model's output, which would get its exact
+    # gradient instead of an estimate (tests/test_perturbation_units.py)
+    model.append(nn.Softshrink(0.0))
     units = perturbed_units(model, "test")
     noise = UnitNoise(torch.Generator().manual_seed(seed), k, pairs=reduce is not None and reduce.pairs)
     if isinstance(estimator, ScoreFunction):

@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 import forwardlearn as fl
 from forwardlearn.rules.pepita import he_uniform_, lr_schedule
@@ -210,3 +211,22 @@ def test_defaults_reach_90_percent_on_digits(opts: dict, digits) -> None:
                     optimizer=d["optimizer"], lr=d["lr"], epochs=d["epochs"], batch_size=d["batch_size"],
                     scheduler=lr_schedule(d["epochs"]), seed=0, progress=False, eval_train=False)
     assert hist.final["test_acc"] >= 0.90, hist.column("test_acc")
+
+
+def test_a_convolution_update_is_the_mean_over_its_output_positions() -> None:
+    """Dellaferrera & Kreiman 2022's convolutional code averages a kernel's update over output positions; a sum
+    (the update before this was fixed) is 64 times larger on 8x8 inputs."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(1, 2, 3, padding=1)
+    model = nn.Sequential(conv, nn.ReLU(), nn.Flatten(), nn.Linear(2 * 8 * 8, 10))
+    x, y = torch.rand(5, 1, 8, 8), torch.randint(0, 10, (5,))
+    rule = fl.get_rule("pepita", seed=0)
+    rule.grads(model, x, y)
+    with torch.no_grad():
+        out = model(x)
+        e = torch.softmax(out, 1) - F.one_hot(y, 10)
+        xm = x - (e @ rule.feedback[0].t()).view_as(x)
+        d = (conv(x) - conv(xm)) / (8 * 8 * 5)
+        want = torch.nn.grad.conv2d_weight(xm, conv.weight.shape, d, padding=1)
+    torch.testing.assert_close(conv.weight.grad, want)
+    torch.testing.assert_close(conv.bias.grad, d.sum((0, 2, 3)))

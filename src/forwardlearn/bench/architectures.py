@@ -105,6 +105,26 @@ def run_table(rules: list[str], archs: list[str], seeds: list[int], log: Any = N
             "settings": {r: setting(r) for r in rules}, "cells": cells}
 
 
+def merge(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """``old`` with the cells (and the settings of the rules) of ``new`` in place of its own; ``new["meta"]`` is
+    appended to ``meta["updates"]`` with the cells it replaced, so the table names both runs."""
+    out = {**old, "models": {**old["models"], **new["models"]}, "settings": {**old["settings"], **new["settings"]},
+           "cells": {r: dict(row) for r, row in old["cells"].items()}}
+    for rule, row in new["cells"].items():
+        out["cells"].setdefault(rule, {}).update(row)
+    cells = [[r, a] for r, row in new["cells"].items() for a in row]
+    out["meta"] = {**old["meta"], "updates": [*old["meta"].get("updates", []), {**new["meta"], "cells": cells}]}
+    return out
+
+
+def _cells(cells: list[list[str]]) -> str:
+    """``[[rule, model], ...]`` as "`rule` on model, model; ..." (one entry per rule, models in table order)."""
+    by: dict[str, list[str]] = {}
+    for r, a in cells:
+        by.setdefault(r, []).append(a)
+    return "; ".join(f"`{r}` on {', '.join(LABELS[a] for a in MODELS if a in models)}" for r, models in by.items())
+
+
 def markdown(result: dict[str, Any], hardware_line: str, command: str) -> str:
     """The rule x architecture table: ``acc mean ± sd (time x backprop)`` per cell, or the reason."""
     archs = [a for a in MODELS if a in result["models"]]  # the table's column order, whatever order they ran in
@@ -117,6 +137,8 @@ def markdown(result: dict[str, Any], hardware_line: str, command: str) -> str:
         "are in the JSON file.",
         "",
         f"Command: `{command}`; {hardware_line}.",
+        *[f"Rerun: {_cells(u['cells'])} with `{u['command']}`; commit {str(u.get('git_commit') or 'unknown')[:12]}; "
+          f"{u.get('date')}." for u in result["meta"].get("updates", [])],
         "",
         "| rule | " + " | ".join(result["models"][a]["label"] for a in archs) + " |",
         "|---|" + "---|" * len(archs),
@@ -134,4 +156,5 @@ def markdown(result: dict[str, Any], hardware_line: str, command: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-__all__ = ["BUDGET", "LABELS", "MODELS", "SETTINGS", "markdown", "run_cell", "run_table", "setting", "summarise"]
+__all__ = ["BUDGET", "LABELS", "MODELS", "SETTINGS", "markdown", "merge", "run_cell", "run_table", "setting",
+           "summarise"]

@@ -34,7 +34,7 @@ from ..rules.base import NonFiniteError, check_finite, check_positive
 from .directions import flat_view
 from .evaluator import Evaluator, fits_batched
 from .forward_mode import math_attention
-from .local import Saved, accumulate_layer, couples_examples, local_grads
+from .local import Saved, accumulate_layer, local_grads, output_gradient, output_unit
 from .samplers import Frame, Sampler, UnitNoise
 from .variance import Reduction
 
@@ -255,16 +255,22 @@ def _per_row(x: Tensor, like: Tensor) -> Tensor:
 class ActivityForwardMode:
     """Forward gradient with tangents on unit outputs (Ren et al. 2022, Sec. 3): one forward-mode pass adds
     ``u_l ~ N(0, I)`` to every unit's output tangent and gives per-example ``d_n = sum_l dL/dz_l[n] . u_l[n]``;
-    ``d_n u_l[n] / K`` estimates unit ``l``'s output gradient (divided by ``scale = K`` passes). When batch
-    statistics couple the examples, every example uses the batch's ``sum_n d_n``."""
+    ``d_n u_l[n] / K`` estimates unit ``l``'s output gradient (divided by ``scale = K`` passes).
+
+    The unit whose output is the model's output gets the exact ``dL/dy`` (:func:`~.local.output_gradient`) and its
+    tangent is taken out of ``d_n`` (exact: ``d_n`` is linear in the tangents), as Ren et al. train their classifier
+    heads by their exact local gradient. Under batch statistics each example keeps its own ``d_n``: the other
+    examples' tangents reach it only through the statistics, an O(1/N) share that is dropped (the batch sum
+    ``sum_n d_n`` is unbiased but has N times the variance)."""
 
     def estimate(self, evaluator: Evaluator, model: nn.Module, inputs: Inputs, targets: Tensor,
                  units: list[tuple[str, nn.Module]], noise: UnitNoise, scale: int, what: str) -> LocalEstimate:
-        coupled = couples_examples(model)
+        made: list[tuple[int, torch.Size]] = []
 
         def rewrite(m: nn.Module, out: Any) -> tuple[Any, Tensor]:
             primal, tan = fwAD.unpack_dual(first_tensor(out))
             u = noise.draw(primal)
+            made.append((primal.data_ptr(), primal.shape))
             return replace_first(out, fwAD.make_dual(primal, u if tan is None else tan + u)), u
 
         with evaluator.units(units, rewrite) as records:
@@ -273,19 +279,27 @@ class ActivityForwardMode:
                 primal, tan = fwAD.unpack_dual(out)
         if tan is None:
             raise RuntimeError(f"{what}: the model output does not depend on any perturbed layer")
+        exact = None
         with torch.no_grad():
             loss = check_finite(evaluator.loss_fn(primal, targets), "loss")
+            last = output_unit(primal, made)
+            if last is not None:  # the output unit: exact gradient, and its tangent out of every other estimate
+                tan, exact = tan - records[last][1], output_gradient(evaluator.loss_fn, primal.detach(), targets)
+                records[last] = (records[last][0], exact)
             d = evaluator.per_example_directional(primal.detach(), targets, tan.detach())
-            if coupled:  # every example's tangent reaches every output: the batch's derivative for all
-                d = d.sum().expand_as(d)
-        return LocalEstimate(loss, records, lambda u: u.mul_(_per_row(d, u) / scale))
+        return LocalEstimate(loss, records, lambda u: u.div_(scale) if u is exact else u.mul_(_per_row(d, u) / scale))
 
 
 class ScoreFunction:
     """The likelihood-ratio (score-function) estimate for Gaussian noise ``sigma e_l`` on every unit's output (Jiang
     et al. 2024, Sec. 3): ``d E[L] / d z_l = E[L e_l / sigma]``, over ``K`` noisy copies of the batch run as one
-    batch (or as ``K`` batches when batch statistics couple the examples: each example's noise is then scored with
-    its copy's total loss). ``reduce`` (:mod:`.variance`) pairs the noise and/or centres the losses.
+    batch of ``K N`` rows (batch statistics then couple one row's noise to another row's loss by O(1/(KN)): each row
+    is scored with its own loss). ``reduce`` (:mod:`.variance`) pairs the noise and/or centres the losses.
+
+    The unit whose output is the model's output gets the exact ``dL/dy`` at the noisy output
+    (:func:`~.local.output_gradient`), and its noise's first-order share of every loss, ``sigma e . dL/dy`` with
+    ``dL/dy`` taken before that noise (so the term has mean zero against every other unit's noise), is subtracted:
+    a control variate that keeps the estimate unbiased.
     """
 
     def __init__(self, sigma: float = 0.1, reduce: Reduction | None = None) -> None:
@@ -296,44 +310,31 @@ class ScoreFunction:
     def estimate(self, evaluator: Evaluator, model: nn.Module, inputs: Tensor, targets: Tensor,
                  units: list[tuple[str, nn.Module]], noise: UnitNoise) -> LocalEstimate:
         k, n = noise.directions, inputs.shape[0]
-        coupled = couples_examples(model)
-        call = [-1, 0]  # the copy being run (coupled models run one copy per pass), the unit call's position in it
+        made: list[tuple[int, torch.Size]] = []
 
-        def rewrite(m: nn.Module, output: Any) -> tuple[Any, tuple[int, Tensor]]:
+        def rewrite(m: nn.Module, output: Any) -> tuple[Any, Tensor]:
             out = first_tensor(output)
-            if coupled:
-                eps = noise.draw_copy(out, call[0], call[1], len(units))
-            elif noise.pairs:
-                eps = noise.paired(out, n)
-            else:
-                eps = noise.draw(out)
-            call[1] += 1
-            return replace_first(output, out + self.sigma * eps), (call[0], eps)
+            eps = noise.paired(out, n) if noise.pairs else noise.draw(out)
+            noisy = out + self.sigma * eps
+            made.append((noisy.data_ptr(), noisy.shape))
+            return replace_first(output, noisy), eps
 
+        repeated = targets.repeat(k, *([1] * (targets.dim() - 1)))
         with evaluator.units(units, rewrite) as records:
-            if coupled:  # batch statistics: each noisy copy is its own batch, as in ordinary training
-                rows = []
-                for c in range(k):
-                    call[:] = [c, 0]
-                    rows.append(evaluator.per_example(evaluator.run(model, inputs), targets))
-                losses = torch.stack(rows)
-            else:
-                out = evaluator.run(model, inputs.repeat(k, *([1] * (inputs.dim() - 1))))
-                losses = evaluator.per_example(out, targets.repeat(k, *([1] * (targets.dim() - 1)))).view(k, n)
-                del out
-        noise.clear()
+            out = evaluator.run(model, inputs.repeat(k, *([1] * (inputs.dim() - 1))))
+        losses = evaluator.per_example(out, repeated).view(k, n)
         value = check_finite(losses.mean(), "loss")
-        if coupled:  # an example's noise reaches every loss of its copy: score with the copy's total
-            losses = losses.sum(1, keepdim=True).expand(k, n)
-        coef = self.reduce.centre(losses) / (k * n * self.sigma)
-        del losses
-
-        def signal(record: tuple[int, Tensor]) -> Tensor:
-            c, eps = record
-            scale = coef.reshape(-1) if c < 0 else coef[c]
-            return eps.mul_(_per_row(scale, eps))
-
-        return LocalEstimate(value, records, signal)
+        exact = None
+        last = output_unit(out, made)
+        if last is not None:  # the output unit: exact gradient; its noise's first-order share of each loss removed
+            eps = records[last][1]
+            exact = output_gradient(evaluator.loss_fn, out, repeated)
+            clean = output_gradient(evaluator.loss_fn, out - self.sigma * eps, repeated) * (k * n)
+            losses = losses - self.sigma * (clean * eps).flatten(1).sum(1).view(k, n)
+            records[last] = (records[last][0], exact)
+        coef = (self.reduce.centre(losses) / (k * n * self.sigma)).reshape(-1)
+        del losses, out
+        return LocalEstimate(value, records, lambda eps: eps if eps is exact else eps.mul_(_per_row(coef, eps)))
 
     def __repr__(self) -> str:
         return f"ScoreFunction(sigma={self.sigma!r}, reduce={self.reduce!r})"

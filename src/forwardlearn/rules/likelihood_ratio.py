@@ -44,9 +44,13 @@ class UnifiedLikelihoodRatio(Rule):
     ``Linear``/``Conv2d``/``BatchNorm``/``LayerNorm`` (no backward pass at all), and by the vector-Jacobian
     product of the unit alone for any other unit (a residual block, a transformer layer: reverse mode
     inside that unit, never across units; Jiang et al. 2024 extend LR to such architectures, Sec. 5).
-    Batch norm in training mode couples the examples (:func:`~forwardlearn.forward_only.local.couples_examples`):
-    then every copy runs as its own batch (``K`` passes) and each example's noise is scored with its copy's
-    total loss, which keeps the estimate unbiased at a higher variance.
+    A layer and the normalisation after it in one ``nn.Sequential`` are one unit (noise after the
+    normalisation). Batch norm in training mode normalises over all ``K * N`` noisy rows, where one row's noise
+    moves another row's loss by O(1/(KN)): each row's noise is scored with its own loss. The unit that
+    produces the model's output gets the exact gradient of the loss at the noisy output
+    (:func:`~forwardlearn.forward_only.local.output_gradient`, a derivative with respect to the output only),
+    and its noise's first-order share ``sigma eps . dL/dy`` (``dL/dy`` taken before that noise, so the term has
+    mean zero against every other unit's noise) is subtracted from every loss: a control variate.
 
     Variance reduction: ``antithetic=True`` pairs copy ``k`` with copy ``k + K/2`` carrying ``-eps`` in
     every layer, so each pair contributes ``(L(eps) - L(-eps)) eps / (2 sigma) x^T`` (any constant baseline

@@ -22,10 +22,12 @@ transformers) takes the same two passes with forward hooks on its layers: every 
 any module with a ``local_weight_grads(x, g)`` method) gets ``g_l = z_l - z_l^mod``, the difference of its
 *own output* between the two passes (before the activation, as the activation is not a layer one can hook
 in general), and the output layer ``g_L = e``; the update is the layer's local formula with its modulated
-input (:func:`~forwardlearn.forward_only.local.layer_weight_grads`). Parameters of other modules are not
-trained by this rule and keep ``.grad = None``: normalisation layers stay at their initial scale and shift
-(their difference signal made training unstable in our runs), and attention's input projection, which
-``nn.MultiheadAttention`` applies without calling a submodule, stays at its initialisation.
+input (:func:`~forwardlearn.forward_only.local.layer_weight_grads`), for a convolution averaged over its output
+positions (Dellaferrera & Kreiman 2022's convolutional code, ``compute_delta_w_conv``; a sum would make a
+convolution's step as many times larger as it has output positions, 64 on 8x8 digits). Parameters of other
+modules are not trained by this rule and keep ``.grad = None``: normalisation layers stay at their initial
+scale and shift (their difference signal made training unstable in our runs), and attention's input projection,
+which ``nn.MultiheadAttention`` applies without calling a submodule, stays at its initialisation.
 """
 
 from __future__ import annotations
@@ -285,6 +287,8 @@ class Pepita(Rule):
         with torch.no_grad():
             for (m, _, z), (_, xm, zm) in zip(rec[0], rec[1]):
                 g = e if z is out or z.data_ptr() == out.data_ptr() else z - zm
+                if isinstance(m, nn.Conv2d):  # the mean over output positions, as the papers' convolutional code
+                    g = g / (g.shape[-1] * g.shape[-2])
                 grads = layer_weight_grads(m, xm, g / n) if isinstance(m, FORMULA) else m.local_weight_grads(xm, g / n)
                 if self.weight_decay and "weight" in grads and grads["weight"].shape == m.weight.shape:
                     grads["weight"] = grads["weight"].add(m.weight.detach(), alpha=self.weight_decay)
