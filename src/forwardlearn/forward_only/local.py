@@ -127,13 +127,6 @@ def _normalised(model: nn.Module, units: list[tuple[str, nn.Module]]) -> list[tu
     return out
 
 
-def couples_examples(model: nn.Module) -> bool:
-    """True when a batch-norm layer normalises with the statistics of the batch (training mode, or no running
-    statistics): one example's perturbation then reaches every example's output."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) and (m.training or m.running_mean is None)
-               for m in model.modules())
-
-
 def output_unit(outputs: Tensor, produced: list[tuple[int, torch.Size]]) -> int | None:
     """The index in ``produced`` (``(data_ptr, shape)`` of every unit's output, in the order the units ran) of the
     unit whose output is the model's output ``outputs`` itself, or ``None`` when the model changes it further."""
@@ -292,6 +285,6 @@ def accumulate_layer(module: nn.Module, grads: dict[str, Tensor]) -> None:
             give_grad(p, g)
 
 
-__all__ = ["FORMULA", "NORMS", "PERTURBABLE", "Saved", "accumulate_layer", "couples_examples", "give_grad",
+__all__ = ["FORMULA", "NORMS", "PERTURBABLE", "Saved", "accumulate_layer", "give_grad",
            "has_formula", "layer_weight_grads", "local_grads", "output_gradient", "output_unit", "perturbable_layers",
            "perturbed_units", "primal", "save_inputs"]

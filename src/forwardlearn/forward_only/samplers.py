@@ -288,14 +288,12 @@ class UnitNoise:
     in the order the units run; one generator stream replays the noise exactly.
 
     ``pairs`` (antithetic sampling): the batch holds ``K = directions`` copies of ``N`` examples; copy ``k + K/2``
-    gets the negation of copy ``k``'s noise, either inside one repeated batch (:meth:`paired`) or across the ``K``
-    passes of a model whose examples are coupled by batch statistics (:meth:`draw_copy`)."""
+    gets the negation of copy ``k``'s noise (:meth:`paired`)."""
 
     def __init__(self, generator: torch.Generator, directions: int = 1, pairs: bool = False) -> None:
         self.generator = generator
         self.directions = directions
         self.pairs = pairs
-        self._first_half: list[Tensor] = []
 
     def draw(self, like: Tensor) -> Tensor:
         """i.i.d. ``N(0, 1)`` noise shaped like ``like``."""
@@ -307,21 +305,6 @@ class UnitNoise:
         half = torch.randn((k // 2, examples, *like.shape[1:]), generator=self.generator, dtype=like.dtype,
                            device=like.device)
         return torch.cat([half, -half]).view(like.shape)
-
-    def draw_copy(self, like: Tensor, copy: int, position: int, units: int) -> Tensor:
-        """Noise for the ``position``-th unit call of copy ``copy`` when every copy runs as its own pass: with
-        ``pairs``, copy ``k + K/2`` reuses copy ``k``'s noise negated."""
-        half = self.directions // 2
-        if self.pairs and copy >= half:
-            return -self._first_half[(copy - half) * units + position]
-        eps = self.draw(like)
-        if self.pairs:
-            self._first_half.append(eps)
-        return eps
-
-    def clear(self) -> None:
-        """Forget the first half's noise of :meth:`draw_copy`."""
-        self._first_half.clear()
 
 
 __all__ = ["TANGENT_KINDS", "Frame", "FullSampler", "LowRankSampler", "RankOneSampler", "Sampler", "UnitNoise",
