@@ -110,12 +110,12 @@ def compare_digits(results: Path, prefix: str) -> str:
 
 @block("compare-mnist-ff")
 def compare_mnist_ff(results: Path, prefix: str) -> str:
-    """``compare-mnist-ff.json`` / ``compare-mnist-cff.json`` (``forwardlearn compare --data mnist --rules
-    backprop,ff`` and ``backprop,cff``, 3 seeds): Forward-Forward's defaults against backprop's on MNIST."""
+    """``compare-mnist-ff.json`` (``forwardlearn compare --data mnist --rules backprop,ff``, 3 seeds):
+    Forward-Forward's defaults against backprop's on MNIST."""
     from .report import compare_markdown
 
     parts = []
-    for name in ("ff", "cff"):
+    for name in ("ff",):
         res = _load(results, f"compare-mnist-{name}.json",
                     f"forwardlearn compare --rules backprop,{name} --seeds 3 --data mnist --seed 0")
         rows = {r["rule"]: r for r in res["results"]}
