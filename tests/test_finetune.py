@@ -90,6 +90,52 @@ def test_zo_full_finetuning_uses_the_fused_step_without_grad_buffers(tiny_dir, c
     assert all(p.grad is None for p in prep.model.parameters())
 
 
+def test_validation_split_is_held_out_of_the_training_messages(tiny_dir, corpus, tmp_path, capsys):
+    """``val_size``: the evaluation set is drawn from the training split (stratified), removed from training, and
+    not the test split; the records carry the evaluation loss."""
+    pytest.importorskip("forwardlearn.training")
+    from forwardlearn import finetune as ft
+    from forwardlearn.models import hf
+
+    train = sa.load_split("train", corpus)
+    prep = ft.prepare(str(tiny_dir), rule="backprop", params="head", batch_size=8, max_length=12,
+                      data_dir=corpus, val_size=10, head="probe", probe_train=16)
+    n_train, n_val = len(prep.train[1]), len(prep.test[1])
+    assert prep.config["eval_split"] == "validation" and prep.config["val_size"] == n_val
+    assert prep.config["test_size"] is None
+    # per group round(share * n): 5 groups, each off by at most 1/2
+    assert abs(n_val - 10) <= 2 and n_train + n_val == len(train)
+    assert set(prep.test_groups) == set(train.groups)  # stratified: every group has validation messages
+    # the validation and training token rows together are exactly the training split's (as multisets)
+    ids = hf.tokenize(hf.load_tokenizer(tiny_dir), train.texts, 12)["input_ids"]
+    rows = sorted(map(tuple, torch.cat([prep.train[0]["input_ids"], prep.test[0]["input_ids"]]).tolist()))
+    assert rows == sorted(map(tuple, ids.tolist()))
+    s = ft.finetune(prep, steps=2, progress=False)
+    assert s["start"]["test_loss"] > 0 and all(r["test_loss"] > 0 for r in s["records"])
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main([*_args(tiny_dir, corpus, out), "--rule", "backprop", "--steps", "1", "--val-size", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "val_size must be between 1 and" in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_sweep_choice_is_the_lowest_validation_loss_and_its_table_marks_it():
+    from forwardlearn.bench.finetune import best_setting, sweep_markdown
+
+    def run(lr: float, loss: float, acc: float, directions: int = 1) -> dict:
+        return {"row": "zo_spsa fused, full", "lr": lr, "directions": directions, "command": "python sweep",
+                "config": {"val_size": 200, "max_length": 32, "batch_size": 16},
+                "records": [{"step": 0, "test_acc": 0.9, "test_loss": 0.3},
+                            {"step": 100, "seconds": 60.0, "test_acc": acc, "test_loss": loss}]}
+
+    res = {"sweep": {"a": run(1e-5, 0.29, 0.95), "b": run(1e-4, 0.20, 0.91), "c": run(1e-3, 0.9, 0.5)}}
+    assert best_setting(res, "zo_spsa fused, full") == {"lr": 1e-4, "directions": 1, "val_size": 200}
+    assert best_setting(res, "forward_gradient, full") is None
+    md = sweep_markdown(res)
+    assert md.count("(chosen)") == 1 and "| zo_spsa fused, full (chosen) | 0.0001 | 1 | 100 | 1.0 |" in md
+    assert sweep_markdown({}) == ""
+
+
 @pytest.mark.slow
 def test_real_minilm_finetunes_a_few_steps_with_every_rule(tmp_path):
     """The bundled MiniLM on the real corpus (needs `forwardlearn data fetch spam-assassin`): a few steps of each

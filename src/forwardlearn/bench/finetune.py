@@ -162,3 +162,38 @@ def accuracy_markdown(results: dict[str, Any]) -> str:
         lines += ["", f"Test subset: {first['test_size']} messages (seeded, stratified); max length "
                   f"{first['max_length']}; batch {first['batch_size']}. Curves: `finetune_minilm.png`."]
     return "\n".join(lines)
+
+
+def best_setting(results: dict[str, Any], row: str) -> dict[str, Any] | None:
+    """The stored sweep's setting of ``row`` with the lowest final validation loss (``lr``, ``directions``,
+    ``val_size``), or ``None`` when the sweep has no run of ``row``."""
+    runs = [v for v in results.get("sweep", {}).values() if v["row"] == row]
+    if not runs:
+        return None
+    best = min(runs, key=lambda v: (v["records"][-1].get("test_loss", float("inf")), -v["records"][-1]["test_acc"]))
+    return {"lr": best["lr"], "directions": best["directions"], "val_size": best["config"]["val_size"]}
+
+
+def sweep_markdown(results: dict[str, Any]) -> str:
+    """The learning-rate sweep of ``finetune_minilm.json`` (validation messages from the training split) with
+    its commands; ``""`` when there is none."""
+    sweep = results.get("sweep")
+    if not sweep:
+        return ""
+    commands = sorted({v["command"] for v in sweep.values()})
+    cfg = next(iter(sweep.values()))["config"]
+    lines = [f"Sweep, on {cfg['val_size']} validation messages held out of the training split (never the test "
+             f"set), max length {cfg['max_length']}, batch {cfg['batch_size']}, from the linear-probe start: "
+             + "; ".join(f"`{c}`" for c in commands), "",
+             "| row | lr | directions | steps | training minutes | val loss (start) | val loss | val acc (start) "
+             "| val acc |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in dict.fromkeys(v["row"] for v in sweep.values()):
+        best = best_setting(results, row)
+        for v in sorted((v for v in sweep.values() if v["row"] == row), key=lambda v: (v["directions"], v["lr"])):
+            first, last = v["records"][0], v["records"][-1]
+            chosen = " (chosen)" if best and (v["lr"], v["directions"]) == (best["lr"], best["directions"]) else ""
+            lines.append(f"| {row}{chosen} | {v['lr']:g} | {v['directions']} | {last['step']} | "
+                         f"{sum(r.get('seconds', 0.0) for r in v['records']) / 60:.1f} | "
+                         f"{first.get('test_loss', float('nan')):.4f} | {last.get('test_loss', float('nan')):.4f} | "
+                         f"{100 * first['test_acc']:.2f} % | {100 * last['test_acc']:.2f} % |")
+    return "\n".join(lines)
