@@ -58,7 +58,7 @@ def accuracy_part(args: argparse.Namespace, results: dict[str, Any]) -> None:
                               out=runs / row.replace(" ", "").replace(",", "-").replace("+", "-"),
                               progress=not args.quiet, threads=args.threads)
         results["probe"] = {**summary["start"], "train_messages": summary["config"]["probe_train"]}
-        acc[row] = {"config": summary["config"], "command": args.command,
+        acc[row] = {"config": summary["config"], "command": args.command, "threads": args.threads,
                     "records": [{"step": 0, "seconds": 0.0, **summary["start"]}, *summary["records"]]}
         write(results, args)
 

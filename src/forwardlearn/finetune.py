@@ -12,7 +12,8 @@ direction, ``eps = 1e-3``); ``forward_gradient`` (Baydin et al. 2022, one tangen
 two estimators the SGD step's noise grows with the number of trained weights ``d`` (MeZO, Sec. 2.1/Lemma 2), so
 ``full`` takes 10x less than ``lora``; MeZO's rates for RoBERTa-large (350 M weights) are 1e-6/1e-7, and
 MiniLM has 15x fewer weights; backprop + Adam takes the usual BERT fine-tuning rate 2e-5 (5e-4 for LoRA).
-These are starting points, not tuned on this corpus.
+These are starting points, not tuned on this corpus; ``benchmarks/finetune_minilm.py --part sweep`` chooses the
+full rows' rates on validation messages held out of the training split (:func:`prepare`'s ``val_size``).
 """
 
 from __future__ import annotations

@@ -239,19 +239,25 @@ def finetune_cost(results: Path, prefix: str) -> str:
 def finetune_accuracy(results: Path, prefix: str) -> str:
     """``finetune_minilm.json``: test accuracy of every row after its steps, from the linear probe, with the
     commands."""
-    from .finetune import accuracy_markdown
+    from .finetune import accuracy_markdown, sweep_markdown, train_minutes
 
     res = _load(results, "finetune_minilm.json", f"{_FINETUNE} --part accuracy")
     if not res.get("accuracy"):
         raise FileNotFoundError(f"{results}/finetune_minilm.json: no accuracy part "
                                 f"(made by `{_FINETUNE} --part accuracy`)")
-    last = {row: v["records"][-1] for row, v in res["accuracy"].items()}
-    zo, bp, probe = last["zo_spsa fused, full"], last["backprop + Adam, full"], res["probe"]["test_acc"]
+    runs = res["accuracy"]
+    zo_run, bp_run = runs["zo_spsa fused, full"], runs["backprop + Adam, full"]
+    zo, bp, probe = zo_run["records"][-1], bp_run["records"][-1], res["probe"]["test_acc"]
     met = zo["test_acc"] > probe and bp["test_acc"] - zo["test_acc"] <= 0.02
-    return (f"{accuracy_markdown(res)}\n\nBackprop + Adam on all weights reaches {_pct(bp['test_acc'])} in "
-            f"{bp['step']} steps from the probe's {_pct(probe)}; `zo_spsa` on all weights ends at "
-            f"{_pct(zo['test_acc'])} after {zo['step']} steps, so the target (zero-order full fine-tuning above the "
-            f"probe and within 2 points of backprop) is {'met' if met else 'not met'} in this budget.")
+    cfg = zo_run["config"]
+    sweep = sweep_markdown(res)
+    return ((f"{sweep}\n\n" if sweep else "") + f"{accuracy_markdown(res)}\n\nOn {cfg['test_size']} test messages "
+            f"of at most {cfg['max_length']} tokens, backprop + Adam on all weights reaches {_pct(bp['test_acc'])} in "
+            f"{bp['step']} steps ({train_minutes(bp_run['records']):.1f} training minutes) from the probe's "
+            f"{_pct(probe)}; `zo_spsa` on all weights (lr {cfg['lr']:g}) ends at {_pct(zo['test_acc'])} after "
+            f"{zo['step']} steps ({train_minutes(zo_run['records']):.1f} training minutes), so the target (zero-order "
+            f"full fine-tuning above the probe and within 2 points of backprop) is {'met' if met else 'not met'} in "
+            "this budget.")
 
 
 @block("zo-lowrank-cost")
