@@ -58,6 +58,7 @@ def accuracy_part(args: argparse.Namespace, results: dict[str, Any]) -> None:
                               out=runs / row.replace(" ", "").replace(",", "-").replace("+", "-"),
                               progress=not args.quiet, threads=args.threads)
         results["probe"] = {**summary["start"], "train_messages": summary["config"]["probe_train"]}
+        args.own |= {"probe", ("accuracy", row)}
         acc[row] = {"config": summary["config"], "command": args.command, "threads": args.threads,
                     "records": [{"step": 0, "seconds": 0.0, **summary["start"]}, *summary["records"]]}
         write(results, args)
@@ -85,6 +86,7 @@ def sweep_part(args: argparse.Namespace, results: dict[str, Any]) -> None:
             summary = ft.finetune(prep, steps=args.sweep_steps, eval_every=max(1, args.sweep_steps // args.evals),
                                   resume=True, progress=not args.quiet, threads=args.threads,
                                   out=Path(args.runs) / "sweep" / key.replace(" ", "").replace(",", "-"))
+            args.own.add(("sweep", key))
             sweep[key] = {"row": row, "lr": lr, "directions": directions, "config": summary["config"],
                           "command": args.command,
                           "records": [{"step": 0, "seconds": 0.0, **summary["start"]}, *summary["records"]]}
@@ -92,18 +94,24 @@ def sweep_part(args: argparse.Namespace, results: dict[str, Any]) -> None:
 
 
 def write(results: dict[str, Any], args: argparse.Namespace) -> None:
-    """Write ``results`` over the stored file's keys (another part, running at the same time, keeps its own)."""
+    """Write ``results`` into the stored file: what this process made (``args.own``: top-level keys and
+    ``(part, row)`` pairs) replaces the stored entries, everything else is taken from the file as it is now (so
+    several processes, each running some rows, can share one file)."""
+    import os
+
     base = Path(args.results)
     base.parent.mkdir(parents=True, exist_ok=True)
     path = base.with_suffix(".json")
-    if path.exists():  # rows another process finished meanwhile are kept
+    own = getattr(args, "own", set())
+    if path.exists():  # rows another process finished meanwhile are kept, rows it replaced are taken
         stored = json.loads(path.read_text())
         for k, v in stored.items():
-            results.setdefault(k, v)
+            if k not in own and k not in ("accuracy", "sweep"):
+                results[k] = v
         for part in ("accuracy", "sweep"):
-            for row, v in stored.get(part, {}).items():
-                results.setdefault(part, {}).setdefault(row, v)
-    tmp = base.with_suffix(".json.tmp")
+            mine = {row: v for row, v in results.get(part, {}).items() if (part, row) in own}
+            results[part] = {**({} if part in own else stored.get(part, {})), **mine}
+    tmp = base.with_name(f"{base.name}.{os.getpid()}.json.tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.replace(base.with_suffix(".json"))
     base.with_suffix(".md").write_text(markdown(results))
@@ -150,6 +158,7 @@ def main() -> None:
     args = ap.parse_args()
     args.acc_max_length = args.acc_max_length or args.max_length
     command = args.command = "python benchmarks/finetune_minilm.py " + shlex.join(sys.argv[1:])
+    args.own = set()
     path = Path(args.results).with_suffix(".json")
     results = json.loads(path.read_text()) if path.exists() else {}
     results.setdefault("accuracy", {})
@@ -158,6 +167,7 @@ def main() -> None:
         results["cost"] = {"command": command, "rows": rows, "settings": {
             "batch_size": args.batch_size, "max_length": args.max_length, "threads": args.threads,
             "repeats": args.repeats}}
+        args.own.add("cost")
         write(results, args)
     if args.part == "sweep":
         sweep_part(args, results)
@@ -165,6 +175,7 @@ def main() -> None:
         if not args.rows:
             results.pop("probe", None)
             results["accuracy"] = {}
+            args.own |= {"probe", "accuracy"}  # a run of every row replaces the stored accuracy part
         accuracy_part(args, results)
     print(markdown(results))
 
