@@ -62,6 +62,10 @@ def test_finetune_writes_records_reports_and_resumes_exactly(tiny_dir, corpus, t
     assert (full / "accuracy.png").stat().st_size > 0 and "| 6 |" in (full / "summary.md").read_text()
     # 4 steps, then resumed to 6: the same weights as 6 in one go
     assert main([*_args(tiny_dir, corpus, split), *common, "--steps", "4"]) == 0
+    # resumed at its last checkpoint (as after an interrupted run): nothing to train, the last record is complete
+    assert main([*_args(tiny_dir, corpus, split), *common, "--steps", "4", "--resume"]) == 0
+    last = json.loads((split / "summary.json").read_text())["records"][-1]
+    assert last["step"] == 4 and {"test_loss", "hard_ham_acc"} <= last.keys()
     assert main([*_args(tiny_dir, corpus, split), *common, "--steps", "6", "--resume"]) == 0
     a = torch.load(full / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(split / "checkpoint.pt", weights_only=True)["model"]

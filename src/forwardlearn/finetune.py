@@ -262,6 +262,10 @@ def finetune(prep: Prepared, *, steps: int, eval_every: int | None = None, out: 
                           strategy=strategy, seed=cfg["seed"], out_dir=out_dir, progress=progress and writer,
                           config=cfg, eval_train=False, callbacks=[Slices()], device="cpu")
         history = trainer.fit(prep.train, prep.test, resume=resume)
+        if writer and history.epochs and "test_loss" not in history.epochs[-1]:
+            # resumed at its last checkpoint, which is written before the callbacks add their columns: the model is
+            # still in that record's state, so they are measured now
+            Slices().on_epoch_end(trainer, history.epochs[-1])
     finally:
         if created:
             dist.destroy_process_group()
