@@ -108,9 +108,11 @@ def write(results: dict[str, Any], args: argparse.Namespace) -> None:
         for k, v in stored.items():
             if k not in own and k not in ("accuracy", "sweep"):
                 results[k] = v
-        for part in ("accuracy", "sweep"):
+        for part in ("accuracy", "sweep"):  # in place: the callers hold these dicts
             mine = {row: v for row, v in results.get(part, {}).items() if (part, row) in own}
-            results[part] = {**({} if part in own else stored.get(part, {})), **mine}
+            merged = {**({} if part in own else stored.get(part, {})), **mine}
+            results.setdefault(part, {}).clear()
+            results[part].update(merged)
     tmp = base.with_name(f"{base.name}.{os.getpid()}.json.tmp")
     tmp.write_text(json.dumps(results, indent=2) + "\n")
     tmp.replace(base.with_suffix(".json"))

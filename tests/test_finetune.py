@@ -140,6 +140,41 @@ def test_sweep_choice_is_the_lowest_validation_loss_and_its_table_marks_it():
     assert sweep_markdown({}) == ""
 
 
+def test_benchmark_processes_sharing_a_results_file_keep_each_others_rows(tmp_path, monkeypatch):
+    """``benchmarks/finetune_minilm.py``'s ``write``: each process replaces only the rows it made, takes the rest
+    from the file as it is, and keeps adding to the dicts its caller holds."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    from forwardlearn import finetune as ft
+
+    path = Path(__file__).parents[1] / "benchmarks" / "finetune_minilm.py"
+    spec = importlib.util.spec_from_file_location("finetune_minilm_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "markdown", lambda results: "")
+    monkeypatch.setattr(ft, "plot_accuracy", lambda *a, **k: None)
+    base = tmp_path / "res"
+    stale = {"accuracy": {"A": {"records": ["old"]}, "B": {"records": ["old"]}}, "probe": {"test_acc": 0.1}}
+    base.with_suffix(".json").write_text(json.dumps(stale))
+    one, two = json.loads(json.dumps(stale)), json.loads(json.dumps(stale))
+    args_one = argparse.Namespace(results=str(base), own={("accuracy", "A"), "probe"})
+    args_two = argparse.Namespace(results=str(base), own={("accuracy", "B")})
+    held = one["accuracy"]  # what the caller keeps adding rows to
+    held["A"], one["probe"] = {"records": ["new A"]}, {"test_acc": 0.9}
+    bench.write(one, args_one)
+    two["accuracy"]["B"] = {"records": ["new B"]}
+    bench.write(two, args_two)  # its stale A and probe, loaded at its start, give way to the file's
+    held["C"] = {"records": ["new C"]}
+    args_one.own.add(("accuracy", "C"))
+    bench.write(one, args_one)
+    stored = json.loads(base.with_suffix(".json").read_text())
+    assert stored["accuracy"] == {"A": {"records": ["new A"]}, "B": {"records": ["new B"]},
+                                  "C": {"records": ["new C"]}}
+    assert stored["probe"] == {"test_acc": 0.9}
+
+
 @pytest.mark.slow
 def test_real_minilm_finetunes_a_few_steps_with_every_rule(tmp_path):
     """The bundled MiniLM on the real corpus (needs `forwardlearn data fetch spam-assassin`): a few steps of each

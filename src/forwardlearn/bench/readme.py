@@ -257,7 +257,27 @@ def finetune_accuracy(results: Path, prefix: str) -> str:
             f"{_pct(probe)}; `zo_spsa` on all weights (lr {cfg['lr']:g}) ends at {_pct(zo['test_acc'])} after "
             f"{zo['step']} steps ({train_minutes(zo_run['records']):.1f} training minutes), so the target (zero-order "
             f"full fine-tuning above the probe and within 2 points of backprop) is {'met' if met else 'not met'} in "
-            "this budget.")
+            f"this budget.{_sweep_sentence(res)}")
+
+
+def _sweep_sentence(res: dict) -> str:
+    """How far the chosen and the largest rate of the ``zo_spsa`` full sweep moved the validation loss."""
+    from .finetune import best_setting
+
+    runs = sorted((v for v in res.get("sweep", {}).values() if v["row"] == "zo_spsa fused, full"),
+                  key=lambda v: v["lr"])
+    best = best_setting(res, "zo_spsa fused, full")
+    if not runs or not best:
+        return ""
+    chosen = next(v for v in runs if (v["lr"], v["directions"]) == (best["lr"], best["directions"]))
+    top = runs[-1]
+
+    def moved(v: dict) -> str:
+        return f"{v['records'][0]['test_loss']:.4f} to {v['records'][-1]['test_loss']:.4f}"
+
+    return (f" In the sweep, {chosen['records'][-1]['step']} `zo_spsa` steps at the chosen rate {chosen['lr']:g} "
+            f"took the validation loss from {moved(chosen)}" + (f"; at {top['lr']:g} it went from {moved(top)}"
+                                                              if top is not chosen else "") + ".")
 
 
 @block("zo-lowrank-cost")
