@@ -46,9 +46,12 @@ def accuracy_part(args: argparse.Namespace, results: dict[str, Any]) -> None:
         if rule is None or (args.rows and row not in args.rows):
             continue
         tuned = best_setting(results, row) if args.lr_from_sweep else None
+        lr = args.zo_lr if row == "zo_spsa fused, full" and args.zo_lr else tuned and tuned["lr"]
+        if lr != (tuned and tuned["lr"]):
+            tuned = None
         prep = ft.prepare(args.model, rule=rule, params=params, batch_size=args.batch_size,
                           max_length=args.acc_max_length, test_size=args.test_size, seed=0, head=head,
-                          probe_train=args.probe_train, lr=tuned and tuned["lr"],
+                          probe_train=args.probe_train, lr=lr,
                           options=tuned and {"directions": tuned["directions"]})
         head = {k: v.clone() for k, v in prep.model.head.state_dict().items()}
         n_steps = steps[rule]
@@ -58,8 +61,9 @@ def accuracy_part(args: argparse.Namespace, results: dict[str, Any]) -> None:
                               out=runs / row.replace(" ", "").replace(",", "-").replace("+", "-"),
                               progress=not args.quiet, threads=args.threads)
         results["probe"] = {**summary["start"], "train_messages": summary["config"]["probe_train"]}
-        args.own |= {"probe", ("accuracy", row)}
-        acc[row] = {"config": summary["config"], "command": args.command, "threads": args.threads,
+        key = f"{row}, {args.tag}" if args.tag else row
+        args.own |= {"probe", ("accuracy", key)}
+        acc[key] = {"config": summary["config"], "command": args.command, "threads": args.threads,
                     "records": [{"step": 0, "seconds": 0.0, **summary["start"]}, *summary["records"]]}
         write(results, args)
 
@@ -153,6 +157,8 @@ def main() -> None:
     ap.add_argument("--fg-lrs", type=float, nargs="*", default=[], help="sweep: forward_gradient full rates")
     ap.add_argument("--lr-from-sweep", action="store_true", help="accuracy: the zo_spsa and forward_gradient "
                     "full rows take the stored sweep's setting of lowest final validation loss")
+    ap.add_argument("--zo-lr", type=float, default=None, help="accuracy: this rate for the zo_spsa full row")
+    ap.add_argument("--tag", default=None, help="accuracy: stored rows are named '<row>, <tag>'")
     ap.add_argument("--rows", nargs="*", default=None, help="only these accuracy rows (default: all)")
     ap.add_argument("--runs", default="runs/bench-finetune")
     ap.add_argument("--results", default="benchmarks/results/finetune_minilm")
