@@ -147,9 +147,10 @@ def accuracy_markdown(results: dict[str, Any]) -> str:
         return ""
     commands = sorted({v.get("command", "") for v in (acc or {}).values()})
     lines = ["Accuracy, each row from the same linear-probe start: " + "; ".join(f"`{c}`" for c in commands),
-             "", "| row | steps | training minutes | lr | test acc | hard-ham acc |", "|---|---:|---:|---:|---:|---:|"]
+             "", "| row | steps | training minutes | CPU minutes | lr | test acc | hard-ham acc |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     if p:
-        lines.append(f"| linear probe on frozen features ({p['train_messages']} messages) | 0 | - | - | "
+        lines.append(f"| linear probe on frozen features ({p['train_messages']} messages) | 0 | - | - | - | "
                      f"{100 * p['test_acc']:.2f} % | {100 * p['hard_ham_acc']:.1f} % |")
     order = {row: i for i, row in enumerate(ROWS)}
     for row, v in sorted((acc or {}).items(), key=lambda kv: order.get(kv[0], len(order))):
@@ -157,7 +158,8 @@ def accuracy_markdown(results: dict[str, Any]) -> str:
         directions = cfg.get("options", {}).get("directions", 1)
         lr = (f"{cfg['lr']:g}{' *' if cfg.get('chosen_on') else ''}"
               f"{f' ({directions} directions)' if directions > 1 else ''}")
-        lines.append(f"| {row} | {last.get('step')} | {train_minutes(v['records']):.1f} | {lr} | "
+        cpu = sum(r.get("cpu_seconds", 0.0) for r in v["records"]) / 60
+        lines.append(f"| {row} | {last.get('step')} | {train_minutes(v['records']):.1f} | {cpu:.1f} | {lr} | "
                      f"{100 * last.get('test_acc', float('nan')):.2f} % | "
                      f"{100 * last.get('hard_ham_acc', float('nan')):.1f} % |")
     if acc:

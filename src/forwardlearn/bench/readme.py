@@ -239,7 +239,7 @@ def finetune_cost(results: Path, prefix: str) -> str:
 def finetune_accuracy(results: Path, prefix: str) -> str:
     """``finetune_minilm.json``: test accuracy of every row after its steps, from the linear probe, with the
     commands."""
-    from .finetune import accuracy_markdown, sweep_markdown, train_minutes
+    from .finetune import accuracy_markdown, sweep_markdown
 
     res = _load(results, "finetune_minilm.json", f"{_FINETUNE} --part accuracy")
     if not res.get("accuracy"):
@@ -253,11 +253,16 @@ def finetune_accuracy(results: Path, prefix: str) -> str:
     sweep = sweep_markdown(res)
     return ((f"{sweep}\n\n" if sweep else "") + f"{accuracy_markdown(res)}\n\nOn {cfg['test_size']} test messages "
             f"of at most {cfg['max_length']} tokens, backprop + Adam on all weights reaches {_pct(bp['test_acc'])} in "
-            f"{bp['step']} steps ({train_minutes(bp_run['records']):.1f} training minutes) from the probe's "
+            f"{bp['step']} steps ({_cpu_minutes(bp_run):.1f} CPU minutes) from the probe's "
             f"{_pct(probe)}; `zo_spsa` on all weights (lr {cfg['lr']:g}) ends at {_pct(zo['test_acc'])} after "
-            f"{zo['step']} steps ({train_minutes(zo_run['records']):.1f} training minutes), so the target (zero-order "
+            f"{zo['step']} steps ({_cpu_minutes(zo_run):.1f} CPU minutes), so the target (zero-order "
             f"full fine-tuning above the probe and within 2 points of backprop) is {'met' if met else 'not met'} in "
             f"this budget.{_sweep_sentence(res)}")
+
+
+def _cpu_minutes(run: dict) -> float:
+    """CPU minutes of a run's training (1 thread: the load of other jobs on the machine does not count)."""
+    return sum(r.get("cpu_seconds", 0.0) for r in run["records"]) / 60
 
 
 def _sweep_sentence(res: dict) -> str:
