@@ -62,6 +62,10 @@ def test_finetune_writes_records_reports_and_resumes_exactly(tiny_dir, corpus, t
     assert (full / "accuracy.png").stat().st_size > 0 and "| 6 |" in (full / "summary.md").read_text()
     # 4 steps, then resumed to 6: the same weights as 6 in one go
     assert main([*_args(tiny_dir, corpus, split), *common, "--steps", "4"]) == 0
+    # resumed at its last checkpoint (as after an interrupted run): nothing to train, the last record is complete
+    assert main([*_args(tiny_dir, corpus, split), *common, "--steps", "4", "--resume"]) == 0
+    last = json.loads((split / "summary.json").read_text())["records"][-1]
+    assert last["step"] == 4 and {"test_loss", "hard_ham_acc"} <= last.keys()
     assert main([*_args(tiny_dir, corpus, split), *common, "--steps", "6", "--resume"]) == 0
     a = torch.load(full / "checkpoint.pt", weights_only=True)["model"]
     b = torch.load(split / "checkpoint.pt", weights_only=True)["model"]
@@ -88,6 +92,87 @@ def test_zo_full_finetuning_uses_the_fused_step_without_grad_buffers(tiny_dir, c
     assert prep.config["step"] == "fused"
     ft.finetune(prep, steps=3, progress=False)
     assert all(p.grad is None for p in prep.model.parameters())
+
+
+def test_validation_split_is_held_out_of_the_training_messages(tiny_dir, corpus, tmp_path, capsys):
+    """``val_size``: the evaluation set is drawn from the training split (stratified), removed from training, and
+    not the test split; the records carry the evaluation loss."""
+    pytest.importorskip("forwardlearn.training")
+    from forwardlearn import finetune as ft
+    from forwardlearn.models import hf
+
+    train = sa.load_split("train", corpus)
+    prep = ft.prepare(str(tiny_dir), rule="backprop", params="head", batch_size=8, max_length=12,
+                      data_dir=corpus, val_size=10, head="probe", probe_train=16)
+    n_train, n_val = len(prep.train[1]), len(prep.test[1])
+    assert prep.config["eval_split"] == "validation" and prep.config["val_size"] == n_val
+    assert prep.config["test_size"] is None
+    # per group round(share * n): 5 groups, each off by at most 1/2
+    assert abs(n_val - 10) <= 2 and n_train + n_val == len(train)
+    assert set(prep.test_groups) == set(train.groups)  # stratified: every group has validation messages
+    # the validation and training token rows together are exactly the training split's (as multisets)
+    ids = hf.tokenize(hf.load_tokenizer(tiny_dir), train.texts, 12)["input_ids"]
+    rows = sorted(map(tuple, torch.cat([prep.train[0]["input_ids"], prep.test[0]["input_ids"]]).tolist()))
+    assert rows == sorted(map(tuple, ids.tolist()))
+    s = ft.finetune(prep, steps=2, progress=False)
+    assert s["start"]["test_loss"] > 0 and all(r["test_loss"] > 0 for r in s["records"])
+    out = tmp_path / "run"
+    capsys.readouterr()
+    assert main([*_args(tiny_dir, corpus, out), "--rule", "backprop", "--steps", "1", "--val-size", "1000"]) == 2
+    err = capsys.readouterr().err
+    assert "val_size must be between 1 and" in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_sweep_choice_is_the_lowest_validation_loss_and_its_table_marks_it():
+    from forwardlearn.bench.finetune import best_setting, sweep_markdown
+
+    def run(lr: float, loss: float, acc: float, directions: int = 1) -> dict:
+        return {"row": "zo_spsa fused, full", "lr": lr, "directions": directions, "command": "python sweep",
+                "config": {"val_size": 200, "max_length": 32, "batch_size": 16},
+                "records": [{"step": 0, "test_acc": 0.9, "test_loss": 0.3},
+                            {"step": 100, "seconds": 60.0, "test_acc": acc, "test_loss": loss}]}
+
+    res = {"sweep": {"a": run(1e-5, 0.29, 0.95), "b": run(1e-4, 0.20, 0.91), "c": run(1e-3, 0.9, 0.5)}}
+    assert best_setting(res, "zo_spsa fused, full") == {"lr": 1e-4, "directions": 1, "val_size": 200}
+    assert best_setting(res, "forward_gradient, full") is None
+    md = sweep_markdown(res)
+    assert md.count("(chosen)") == 1 and "| zo_spsa fused, full (chosen) | 0.0001 | 1 | 100 | 1.0 |" in md
+    assert sweep_markdown({}) == ""
+
+
+def test_benchmark_processes_sharing_a_results_file_keep_each_others_rows(tmp_path, monkeypatch):
+    """``benchmarks/finetune_minilm.py``'s ``write``: each process replaces only the rows it made, takes the rest
+    from the file as it is, and keeps adding to the dicts its caller holds."""
+    import argparse
+    import importlib.util
+    from pathlib import Path
+
+    from forwardlearn import finetune as ft
+
+    path = Path(__file__).parents[1] / "benchmarks" / "finetune_minilm.py"
+    spec = importlib.util.spec_from_file_location("finetune_minilm_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    monkeypatch.setattr(bench, "markdown", lambda results: "")
+    monkeypatch.setattr(ft, "plot_accuracy", lambda *a, **k: None)
+    base = tmp_path / "res"
+    stale = {"accuracy": {"A": {"records": ["old"]}, "B": {"records": ["old"]}}, "probe": {"test_acc": 0.1}}
+    base.with_suffix(".json").write_text(json.dumps(stale))
+    one, two = json.loads(json.dumps(stale)), json.loads(json.dumps(stale))
+    args_one = argparse.Namespace(results=str(base), own={("accuracy", "A"), "probe"})
+    args_two = argparse.Namespace(results=str(base), own={("accuracy", "B")})
+    held = one["accuracy"]  # what the caller keeps adding rows to
+    held["A"], one["probe"] = {"records": ["new A"]}, {"test_acc": 0.9}
+    bench.write(one, args_one)
+    two["accuracy"]["B"] = {"records": ["new B"]}
+    bench.write(two, args_two)  # its stale A and probe, loaded at its start, give way to the file's
+    held["C"] = {"records": ["new C"]}
+    args_one.own.add(("accuracy", "C"))
+    bench.write(one, args_one)
+    stored = json.loads(base.with_suffix(".json").read_text())
+    assert stored["accuracy"] == {"A": {"records": ["new A"]}, "B": {"records": ["new B"]},
+                                  "C": {"records": ["new C"]}}
+    assert stored["probe"] == {"test_acc": 0.9}
 
 
 @pytest.mark.slow

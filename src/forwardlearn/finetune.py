@@ -12,7 +12,8 @@ direction, ``eps = 1e-3``); ``forward_gradient`` (Baydin et al. 2022, one tangen
 two estimators the SGD step's noise grows with the number of trained weights ``d`` (MeZO, Sec. 2.1/Lemma 2), so
 ``full`` takes 10x less than ``lora``; MeZO's rates for RoBERTa-large (350 M weights) are 1e-6/1e-7, and
 MiniLM has 15x fewer weights; backprop + Adam takes the usual BERT fine-tuning rate 2e-5 (5e-4 for LoRA).
-These are starting points, not tuned on this corpus.
+These are starting points, not tuned on this corpus; ``benchmarks/finetune_minilm.py --part sweep`` chooses the
+full rows' rates on validation messages held out of the training split (:func:`prepare`'s ``val_size``).
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ DEFAULTS: dict[str, dict[str, Any]] = {
 }
 #: settings that a resumed run must share with its checkpoint
 RESUME_KEYS = ("model", "data", "rule", "params", "batch_size", "max_length", "lr", "step", "optimizer",
-               "options", "seed", "test_size", "eval_every", "attention", "head", "probe_train", "world_size")
+               "options", "seed", "test_size", "val_size", "eval_every", "attention", "head", "probe_train",
+               "world_size")
 
 
 @dataclass
@@ -90,7 +92,7 @@ def optimizer(name: str, params: list[torch.nn.Parameter], lr: float) -> torch.o
 
 
 def _test_subset(groups: list[str], size: int | None, seed: int) -> list[int]:
-    """A seeded random ``size`` of the test split, stratified by group (all of it for ``None``)."""
+    """A seeded random ``size`` of a split, stratified by group (all of it for ``None``)."""
     n = len(groups)
     if size is None or size >= n:
         return list(range(n))
@@ -100,16 +102,30 @@ def _test_subset(groups: list[str], size: int | None, seed: int) -> list[int]:
     return keep
 
 
+def _hold_out(groups: list[str], size: int, seed: int) -> tuple[list[int], list[int]]:
+    """``(train, validation)`` indices of the training split: a seeded random ``size`` of it, stratified by
+    group, is validation (never trained on, never the test set), the rest train."""
+    if not 0 < size < len(groups):
+        raise ValueError(f"val_size must be between 1 and {len(groups) - 1} (the training messages), got {size}")
+    val = set(_test_subset(groups, size, seed + 1))  # seed + 1: not the same draw as the test subset
+    return [i for i in range(len(groups)) if i not in val], sorted(val)
+
+
 def prepare(model: str = hf.MINILM, data: str = "spam-assassin", *, rule: str = "zo_spsa", params: str = "full",
             batch_size: int = 16, max_length: int = 128, lr: float | None = None, step: str | None = None,
             optimizer: str | None = None, options: dict[str, Any] | None = None, seed: int = 0,
             test_size: int | None = None, attention: str | None = None, data_dir: str | Path | None = None,
-            head: str | dict[str, Tensor] = "random", probe_train: int = 1024) -> Prepared:
+            head: str | dict[str, Tensor] = "random", probe_train: int = 1024, val_size: int | None = None) -> Prepared:
     """Load and check the model, the tokenizer and the corpus, tokenise once; raise ``ValueError`` on bad input.
 
     ``head``: ``random`` (a fresh linear head from ``seed``), ``probe`` (the linear probe on the frozen features
     of a seeded random ``probe_train`` training messages, :func:`~forwardlearn.models.hf.fit_probe_head`: training
-    then starts at the zero-training floor), or a head ``state_dict`` (a probe fitted before)."""
+    then starts at the zero-training floor), or a head ``state_dict`` (a probe fitted before).
+
+    ``val_size``: hold out a seeded, stratified ``val_size`` of the *training* messages as a validation set;
+    the run then trains on the rest and evaluates on the validation set instead of the test set (``test``
+    and ``test_groups`` hold the validation messages; ``config["eval_split"]`` says which): for choosing
+    settings without looking at the test set."""
     from . import data as fldata
     from .data.spam_assassin import NAME, load_split
 
@@ -128,8 +144,11 @@ def prepare(model: str = hf.MINILM, data: str = "spam-assassin", *, rule: str = 
     hf.check_max_length(tokenizer, max_length)
     root = fldata.data_dir(data_dir)
     train_split, test_split = load_split("train", root), load_split("test", root)
-    keep = _test_subset(test_split.groups, test_size, seed)
-    test_split = test_split.subset(keep)
+    if val_size:
+        kept, held = _hold_out(train_split.groups, val_size, seed)
+        train_split, test_split = train_split.subset(kept), train_split.subset(held)
+    else:
+        test_split = test_split.subset(_test_subset(test_split.groups, test_size, seed))
     net = hf.load_classifier(path, classes=2, params=params, attention=attention, seed=seed)
     hf.check_tokenizer(tokenizer, net, path)
     t0 = time.perf_counter()
@@ -143,7 +162,9 @@ def prepare(model: str = hf.MINILM, data: str = "spam-assassin", *, rule: str = 
     elif isinstance(head, dict):
         net.head.load_state_dict(head)
     cfg.update({"model": str(model), "model_dir": str(path), "data": data, "batch_size": batch_size,
-                "max_length": max_length, "seed": seed, "test_size": len(test_split), "attention": attention,
+                "max_length": max_length, "seed": seed, "test_size": None if val_size else len(test_split),
+                "val_size": len(test_split) if val_size else None,
+                "eval_split": "validation" if val_size else "test", "attention": attention,
                 "head": "probe" if isinstance(head, dict) else head,
                 "probe_train": min(probe_train, len(train_split)) if head != "random" else 0,
                 "trainable": sum(p.numel() for p in trainable_parameters(net)),
@@ -152,16 +173,23 @@ def prepare(model: str = hf.MINILM, data: str = "spam-assassin", *, rule: str = 
                     tokenize_seconds)
 
 
-def _slice_accuracy(model: torch.nn.Module, inputs: dict[str, Tensor], y: Tensor, batch: int = 64) -> float:
+def _slice_scores(model: torch.nn.Module, inputs: dict[str, Tensor], y: Tensor, batch: int = 64) -> tuple[float,
+                                                                                                         float]:
+    """``(accuracy, mean cross-entropy)`` of ``model`` on a slice, in eval mode."""
     was = model.training
     model.eval()
-    correct = 0
+    correct, loss = 0, 0.0
     with torch.no_grad():
         for i in range(0, len(y), batch):
             out = model(**{k: v[i:i + batch] for k, v in inputs.items()})
             correct += int((out.argmax(1) == y[i:i + batch]).sum())
+            loss += float(torch.nn.functional.cross_entropy(out, y[i:i + batch], reduction="sum"))
     model.train(was)
-    return correct / max(len(y), 1)
+    return correct / max(len(y), 1), loss / max(len(y), 1)
+
+
+def _slice_accuracy(model: torch.nn.Module, inputs: dict[str, Tensor], y: Tensor, batch: int = 64) -> float:
+    return _slice_scores(model, inputs, y, batch)[0]
 
 
 def finetune(prep: Prepared, *, steps: int, eval_every: int | None = None, out: str | Path | None = None,
@@ -218,20 +246,26 @@ def finetune(prep: Prepared, *, steps: int, eval_every: int | None = None, out: 
     hard_x = {k: v[hard] for k, v in prep.test[0].items()}
     hard_y = prep.test[1][hard]
 
-    class HardHam(Callback):
+    class Slices(Callback):  # the evaluation set's loss (the finer signal for choosing settings), hard ham
         def on_epoch_end(self, trainer: Trainer, record: dict[str, float]) -> None:
-            if hard and trainer.strategy.evaluates(trainer):
-                record["hard_ham_acc"] = _slice_accuracy(trainer.model, hard_x, hard_y)
+            if trainer.strategy.evaluates(trainer):
+                record["test_loss"] = _slice_scores(trainer.model, *prep.test)[1]
+                if hard:
+                    record["hard_ham_acc"] = _slice_accuracy(trainer.model, hard_x, hard_y)
 
     writer = not distributed or exchange.rank == 0
-    start = {"test_acc": _slice_accuracy(model, *prep.test)} if writer else {}
+    start = dict(zip(("test_acc", "test_loss"), _slice_scores(model, *prep.test))) if writer else {}
     if hard and writer:
         start["hard_ham_acc"] = _slice_accuracy(model, hard_x, hard_y)
     try:
         trainer = Trainer(model, rule, opt, batch_size=cfg["batch_size"], steps=steps, eval_every=eval_every,
                           strategy=strategy, seed=cfg["seed"], out_dir=out_dir, progress=progress and writer,
-                          config=cfg, eval_train=False, callbacks=[HardHam()], device="cpu")
+                          config=cfg, eval_train=False, callbacks=[Slices()], device="cpu")
         history = trainer.fit(prep.train, prep.test, resume=resume)
+        if writer and history.epochs and "test_loss" not in history.epochs[-1]:
+            # resumed at its last checkpoint, which is written before the callbacks add their columns: the model is
+            # still in that record's state, so they are measured now
+            Slices().on_epoch_end(trainer, history.epochs[-1])
     finally:
         if created:
             dist.destroy_process_group()

@@ -147,18 +147,68 @@ def accuracy_markdown(results: dict[str, Any]) -> str:
         return ""
     commands = sorted({v.get("command", "") for v in (acc or {}).values()})
     lines = ["Accuracy, each row from the same linear-probe start: " + "; ".join(f"`{c}`" for c in commands),
-             "", "| row | steps | training minutes | lr | test acc | hard-ham acc |", "|---|---:|---:|---:|---:|---:|"]
+             "", "| row | steps | training minutes | CPU minutes | lr | test acc | hard-ham acc |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
     if p:
-        lines.append(f"| linear probe on frozen features ({p['train_messages']} messages) | 0 | - | - | "
+        lines.append(f"| linear probe on frozen features ({p['train_messages']} messages) | 0 | - | - | - | "
                      f"{100 * p['test_acc']:.2f} % | {100 * p['hard_ham_acc']:.1f} % |")
-    for row, v in (acc or {}).items():
-        last = v["records"][-1]
-        minutes = sum(r.get("seconds", 0.0) for r in v["records"]) / 60
-        lines.append(f"| {row} | {last.get('step')} | {minutes:.1f} | {v['config']['lr']:g} | "
+    order = {row: i for i, row in enumerate(ROWS)}
+    for row, v in sorted((acc or {}).items(), key=lambda kv: order.get(kv[0], len(order))):
+        last, cfg = v["records"][-1], v["config"]
+        directions = cfg.get("options", {}).get("directions", 1)
+        lr = (f"{cfg['lr']:g}{' *' if cfg.get('chosen_on') else ''}"
+              f"{f' ({directions} directions)' if directions > 1 else ''}")
+        cpu = sum(r.get("cpu_seconds", 0.0) for r in v["records"]) / 60
+        lines.append(f"| {row} | {last.get('step')} | {train_minutes(v['records']):.1f} | {cpu:.1f} | {lr} | "
                      f"{100 * last.get('test_acc', float('nan')):.2f} % | "
                      f"{100 * last.get('hard_ham_acc', float('nan')):.1f} % |")
     if acc:
-        first = next(iter(acc.values()))["config"]
+        configs = [v["config"] for v in acc.values()]
+        first = configs[0]
+        threads = sorted({v.get("threads") for v in acc.values()} - {None})
+        chosen = sorted({c["chosen_on"] for c in configs if c.get("chosen_on")})
         lines += ["", f"Test subset: {first['test_size']} messages (seeded, stratified); max length "
-                  f"{first['max_length']}; batch {first['batch_size']}. Curves: `finetune_minilm.png`."]
+                  f"{first['max_length']} tokens; batch {first['batch_size']}"
+                  f"{'; ' + '/'.join(map(str, threads)) + ' thread(s)' if threads else ''}. Curves: "
+                  "`finetune_minilm.png`." + (f" lr marked *: the sweep's choice on {chosen[0]}." if chosen else "")]
+    return "\n".join(lines)
+
+
+def train_minutes(records: list[dict[str, Any]]) -> float:
+    """Training minutes of a run's records (evaluation not counted)."""
+    return sum(r.get("seconds", 0.0) for r in records) / 60
+
+
+def best_setting(results: dict[str, Any], row: str) -> dict[str, Any] | None:
+    """The stored sweep's setting of ``row`` with the lowest final validation loss (``lr``, ``directions``,
+    ``val_size``), or ``None`` when the sweep has no run of ``row``."""
+    runs = [v for v in results.get("sweep", {}).values() if v["row"] == row]
+    if not runs:
+        return None
+    best = min(runs, key=lambda v: (v["records"][-1].get("test_loss", float("inf")), -v["records"][-1]["test_acc"]))
+    return {"lr": best["lr"], "directions": best["directions"], "val_size": best["config"]["val_size"]}
+
+
+def sweep_markdown(results: dict[str, Any]) -> str:
+    """The learning-rate sweep of ``finetune_minilm.json`` (validation messages from the training split) with
+    its commands; ``""`` when there is none."""
+    sweep = results.get("sweep")
+    if not sweep:
+        return ""
+    commands = sorted({v["command"] for v in sweep.values()})
+    cfg = next(iter(sweep.values()))["config"]
+    lines = [f"Sweep, on {cfg['val_size']} validation messages held out of the training split (never the test "
+             f"set), max length {cfg['max_length']}, batch {cfg['batch_size']}, from the linear-probe start: "
+             + "; ".join(f"`{c}`" for c in commands), "",
+             "| row | lr | directions | steps | training minutes | val loss (start) | val loss | val acc (start) "
+             "| val acc |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in dict.fromkeys(v["row"] for v in sweep.values()):
+        best = best_setting(results, row)
+        for v in sorted((v for v in sweep.values() if v["row"] == row), key=lambda v: (v["directions"], v["lr"])):
+            first, last = v["records"][0], v["records"][-1]
+            chosen = " (chosen)" if best and (v["lr"], v["directions"]) == (best["lr"], best["directions"]) else ""
+            lines.append(f"| {row}{chosen} | {v['lr']:g} | {v['directions']} | {last['step']} | "
+                         f"{train_minutes(v['records']):.1f} | "
+                         f"{first.get('test_loss', float('nan')):.4f} | {last.get('test_loss', float('nan')):.4f} | "
+                         f"{100 * first['test_acc']:.2f} % | {100 * last['test_acc']:.2f} % |")
     return "\n".join(lines)

@@ -256,19 +256,50 @@ def finetune_cost(results: Path, prefix: str) -> str:
 def finetune_accuracy(results: Path, prefix: str) -> str:
     """``finetune_minilm.json``: test accuracy of every row after its steps, from the linear probe, with the
     commands."""
-    from .finetune import accuracy_markdown
+    from .finetune import accuracy_markdown, sweep_markdown
 
     res = _load(results, "finetune_minilm.json", f"{_FINETUNE} --part accuracy")
     if not res.get("accuracy"):
         raise FileNotFoundError(f"{results}/finetune_minilm.json: no accuracy part "
                                 f"(made by `{_FINETUNE} --part accuracy`)")
-    last = {row: v["records"][-1] for row, v in res["accuracy"].items()}
-    zo, bp, probe = last["zo_spsa fused, full"], last["backprop + Adam, full"], res["probe"]["test_acc"]
+    runs = res["accuracy"]
+    zo_run, bp_run = runs["zo_spsa fused, full"], runs["backprop + Adam, full"]
+    zo, bp, probe = zo_run["records"][-1], bp_run["records"][-1], res["probe"]["test_acc"]
     met = zo["test_acc"] > probe and bp["test_acc"] - zo["test_acc"] <= 0.02
-    return (f"{accuracy_markdown(res)}\n\nBackprop + Adam on all weights reaches {_pct(bp['test_acc'])} in "
-            f"{bp['step']} steps from the probe's {_pct(probe)}; `zo_spsa` on all weights ends at "
-            f"{_pct(zo['test_acc'])} after {zo['step']} steps, so the target (zero-order full fine-tuning above the "
-            f"probe and within 2 points of backprop) is {'met' if met else 'not met'} in this budget.")
+    cfg = zo_run["config"]
+    sweep = sweep_markdown(res)
+    return ((f"{sweep}\n\n" if sweep else "") + f"{accuracy_markdown(res)}\n\nOn {cfg['test_size']} test messages "
+            f"of at most {cfg['max_length']} tokens, backprop + Adam on all weights reaches {_pct(bp['test_acc'])} in "
+            f"{bp['step']} steps ({_cpu_minutes(bp_run):.1f} CPU minutes) from the probe's "
+            f"{_pct(probe)}; `zo_spsa` on all weights (lr {cfg['lr']:g}) ends at {_pct(zo['test_acc'])} after "
+            f"{zo['step']} steps ({_cpu_minutes(zo_run):.1f} CPU minutes), so the target (zero-order "
+            f"full fine-tuning above the probe and within 2 points of backprop) is {'met' if met else 'not met'} in "
+            f"this budget.{_sweep_sentence(res)}")
+
+
+def _cpu_minutes(run: dict) -> float:
+    """CPU minutes of a run's training (1 thread: the load of other jobs on the machine does not count)."""
+    return sum(r.get("cpu_seconds", 0.0) for r in run["records"]) / 60
+
+
+def _sweep_sentence(res: dict) -> str:
+    """How far the chosen and the largest rate of the ``zo_spsa`` full sweep moved the validation loss."""
+    from .finetune import best_setting
+
+    runs = sorted((v for v in res.get("sweep", {}).values() if v["row"] == "zo_spsa fused, full"),
+                  key=lambda v: v["lr"])
+    best = best_setting(res, "zo_spsa fused, full")
+    if not runs or not best:
+        return ""
+    chosen = next(v for v in runs if (v["lr"], v["directions"]) == (best["lr"], best["directions"]))
+    top = runs[-1]
+
+    def moved(v: dict) -> str:
+        return f"{v['records'][0]['test_loss']:.4f} to {v['records'][-1]['test_loss']:.4f}"
+
+    return (f" In the sweep, {chosen['records'][-1]['step']} `zo_spsa` steps at the chosen rate {chosen['lr']:g} "
+            f"took the validation loss from {moved(chosen)}" + (f"; at {top['lr']:g} it went from {moved(top)}"
+                                                              if top is not chosen else "") + ".")
 
 
 @block("zo-lowrank-cost")

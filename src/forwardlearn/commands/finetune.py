@@ -31,6 +31,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="evaluate and checkpoint every K steps (default: at the end)")
     p.add_argument("--test-size", type=positive(int, "--test-size"), default=None,
                    help="evaluate on a seeded, stratified subset of this many test messages (default: all)")
+    p.add_argument("--val-size", type=positive(int, "--val-size"), default=None,
+                   help="hold out this many training messages (seeded, stratified) and evaluate on them instead "
+                   "of the test set, for choosing settings")
     p.add_argument("--attention", choices=["eager", "sdpa"], default=None,
                    help="attention kernel (default: eager for forward_gradient, sdpa otherwise)")
     p.add_argument("--head", choices=["random", "probe"], default="random",
@@ -64,14 +67,14 @@ def run(args: argparse.Namespace) -> int:
                       max_length=args.max_length, lr=args.lr, step=args.step, optimizer=args.optimizer,
                       options=parse_options(args.opt), seed=args.seed, test_size=args.test_size,
                       attention=args.attention, data_dir=args.data_dir, head=args.head,
-                      probe_train=args.probe_train)
+                      probe_train=args.probe_train, val_size=args.val_size)
     summary = ft.finetune(prep, steps=args.steps, eval_every=args.eval_every, out=out, resume=args.resume,
                           progress=not args.quiet, threads=args.threads, distributed=args.distributed)
     if not summary["writer"]:
         return 0
     final = summary["final"]
     print(f"{args.rule} ({args.params}) on {args.data}: step {final.get('step')}, loss {final['loss']:.4f}, "
-          f"test acc {final.get('test_acc', float('nan')):.4f}, hard-ham acc "
+          f"{summary['config']['eval_split']} acc {final.get('test_acc', float('nan')):.4f}, hard-ham acc "
           f"{final.get('hard_ham_acc', float('nan')):.4f}, {summary['train_seconds'] / 60:.1f} training minutes"
           f"  ->  {out}")
     return 0
