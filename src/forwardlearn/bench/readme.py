@@ -274,7 +274,8 @@ def finetune_accuracy(results: Path, prefix: str) -> str:
             f"{_pct(probe)}; `zo_spsa` on all weights (lr {cfg['lr']:g}) ends at {_pct(zo['test_acc'])} after "
             f"{zo['step']} steps ({_cpu_minutes(zo_run):.1f} CPU minutes), so the target (zero-order "
             f"full fine-tuning above the probe and within 2 points of backprop) is {'met' if met else 'not met'} in "
-            f"this budget.{_sweep_sentence(res)}")
+            f"this budget with one seed (seed {cfg['seed']}): an indication, not yet a result over seeds."
+            f"{_sweep_sentence(res)}")
 
 
 def _cpu_minutes(run: dict) -> float:
